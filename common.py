@@ -1,0 +1,273 @@
+"""Plumbing shared by every stage: distributed setup, checkpoints, optimizer groups, schedules, data and logs.
+
+Nothing here is specific to DTM; read the stage scripts first.
+"""
+import contextlib
+import json
+import math
+import os
+import random
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torchvision import datasets
+from tqdm import tqdm
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+# ----------------------------------------------------------------------------------------------- distributed
+class Dist:
+    """Who we are under torchrun (or a single process): rank, world size, device, and a few helpers."""
+
+    def __init__(self, device: str = "auto"):
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if device == "auto":
+            device = f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.is_main = self.rank == 0
+
+    def autocast(self):
+        """bf16 autocast on GPU; full fp32 on CPU (bf16 matmuls are slow there and tests want exact math)."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def barrier(self):
+        if self.world_size > 1:
+            dist.barrier()
+
+    def close(self):
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def print(self, *args):
+        if self.is_main:
+            print(*args, flush=True)
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def rng_states() -> dict:
+    """RNG states as plain tensors and lists, so checkpoints load with torch.load(weights_only=True)."""
+    states = {"python": random.getstate(), "numpy": np.random.get_state()[1].tolist(),
+              "numpy_pos": int(np.random.get_state()[2]), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict):
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(("MT19937", np.array(states["numpy"], dtype=np.uint32), states["numpy_pos"]))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(obj: dict, path: str):
+    """Write atomically: a crash mid-write never leaves a torn file where the last good checkpoint was."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a torn or foreign file: say which file, not only what pickle thought
+        raise ValueError(f"cannot read checkpoint {path!r}: {e}") from e
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model under DDP and torch.compile wrappers (its state_dict keys have no prefixes)."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+# ------------------------------------------------------------------------------------- optimizer, schedules
+def param_groups(model, weight_decay: float, layer_decay: float = 1.0, num_layers: int | None = None):
+    """AdamW parameter groups. No weight decay on biases, norms, LayerScale, tokens and position tables;
+    with layer_decay < 1, each parameter's lr is scaled by layer_decay ** (num_layers + 1 - layer_id)."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim <= 1 or name.endswith((".bias", "token", "pos_embed", "rel_pos.table"))
+        layer = model.layer_id(name) if hasattr(model, "layer_id") else 0
+        scale = layer_decay ** (num_layers + 1 - layer) if layer_decay != 1.0 else 1.0
+        key = (layer if layer_decay != 1.0 else 0, no_decay)
+        group = groups.setdefault(key, {"params": [], "names": [], "lr_scale": scale,
+                                        "weight_decay": 0.0 if no_decay else weight_decay})
+        group["params"].append(p)
+        group["names"].append(name)
+    return list(groups.values())
+
+
+def adamw(groups, lr, betas, eps=1e-8, device=torch.device("cpu")):
+    for g in groups:
+        g.pop("names", None)
+    fused = device.type == "cuda"  # one kernel for the whole update on GPU
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
+
+
+def cosine_schedule(step: int, total: int, warmup: int, base: float, final: float) -> float:
+    """Linear warmup from 0 to `base` over `warmup` steps, then a cosine to `final` at `total` steps."""
+    if step < warmup:
+        return base * step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer, lr: float, weight_decay: float | None = None):
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+        if weight_decay is not None and g["weight_decay"] > 0:
+            g["weight_decay"] = weight_decay
+
+
+# ------------------------------------------------------------------------------------------------------ data
+class ImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder with clear errors for a missing or empty folder, and a corrupt image that
+    is skipped with a warning naming its path instead of killing a long run."""
+
+    def __init__(self, root: str, transform=None):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"data folder {root!r} does not exist; expected an ImageFolder layout: "
+                                    f"{root}/<class name>/<image>.jpg")
+        try:
+            super().__init__(root, transform=transform)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"no images in {root!r} ({e}); expected {root}/<class name>/<image>.jpg "
+                                    f"with extensions {', '.join(IMG_EXTENSIONS)}") from None
+
+    def __getitem__(self, index):
+        for offset in range(len(self)):
+            i = (index + offset) % len(self)
+            try:
+                return super().__getitem__(i)
+            except OSError as e:  # PIL raises OSError subclasses for truncated and unreadable files
+                warnings.warn(f"skipping unreadable image {self.samples[i][0]}: {e}")
+        raise RuntimeError(f"no readable image in {self.root!r}")
+
+
+def data_loader(dataset, batch_size: int, dist_: Dist, train: bool, workers: int, seed: int = 0, drop_last=None):
+    """DataLoader with a DistributedSampler under DDP. Training shuffles from `seed` and set_epoch(), so a
+    resumed run sees the same order as an uninterrupted one."""
+    sampler = None
+    if dist_.world_size > 1:
+        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=train)
+    elif train:
+        sampler = torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=dist_.device.type == "cuda",
+        drop_last=train if drop_last is None else drop_last, persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed))
+
+
+def start_epoch(loader, epoch: int, seed: int):
+    """Make the epoch's shuffle and augmentation randomness a function of (seed, epoch) alone."""
+    if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    elif isinstance(loader.sampler, torch.utils.data.RandomSampler):
+        loader.sampler.generator.manual_seed(seed + epoch)
+    loader.generator.manual_seed(seed * 1000 + epoch)  # seeds the workers' augmentation RNGs
+
+
+# ------------------------------------------------------------------------------------------------- progress
+def progress(iterable, dist_: Dist, **kwargs):
+    return tqdm(iterable, disable=not dist_.is_main, dynamic_ncols=True, **kwargs)
+
+
+def log_json(path: str, record: dict):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------- demo data
+DEMO_SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond", "hbar", "vbar", "dot_pair", "frame")
+DEMO_TEXTURES = ("hstripes", "vstripes", "checker", "noise")
+
+
+def _demo_image(rng: np.random.Generator, size: int):
+    """One image: a textured background and one coloured shape. Returns (HxWx3 uint8, HxW labels, shape id,
+    texture id); pixel labels are 1 + texture id on the background and 1 + 4 + shape id on the shape."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    texture = int(rng.integers(len(DEMO_TEXTURES)))
+    period = rng.uniform(0.08, 0.2)
+    pattern = {0: np.sin(2 * np.pi * yy / period), 1: np.sin(2 * np.pi * xx / period),
+               2: np.sign(np.sin(2 * np.pi * yy / period) * np.sin(2 * np.pi * xx / period)),
+               3: rng.standard_normal((size, size))}[texture]
+    c1, c2 = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
+    t = (pattern - pattern.min()) / (np.ptp(pattern) + 1e-6)
+    image = c1 * t[..., None] + c2 * (1 - t[..., None])
+    shape = int(rng.integers(len(DEMO_SHAPES)))
+    cy, cx, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.15, 0.28)
+    dy, dx = yy - cy, xx - cx
+    d = np.sqrt(dy**2 + dx**2)
+    inside = {0: d < r, 1: np.maximum(abs(dy), abs(dx)) < r * 0.8,
+              2: (dy > -r * 0.7) & (dy < r * 0.7) & (abs(dx) < (dy + r * 0.7) * 0.6),
+              3: (abs(dy) < r * 0.25) & (abs(dx) < r) | (abs(dx) < r * 0.25) & (abs(dy) < r),
+              4: (d < r) & (d > r * 0.6), 5: abs(dy) + abs(dx) < r,
+              6: (abs(dy) < r * 0.3) & (abs(dx) < r), 7: (abs(dx) < r * 0.3) & (abs(dy) < r),
+              8: (np.sqrt(dy**2 + (dx - r * 0.5) ** 2) < r * 0.4) | (np.sqrt(dy**2 + (dx + r * 0.5) ** 2) < r * 0.4),
+              9: (np.maximum(abs(dy), abs(dx)) < r) & (np.maximum(abs(dy), abs(dx)) > r * 0.7)}[shape]
+    image[inside] = rng.uniform(0, 1, 3)
+    labels = np.where(inside, 1 + len(DEMO_TEXTURES) + shape, 1 + texture).astype(np.uint8)
+    return (image * 255).round().astype(np.uint8), labels, shape, texture
+
+
+def make_demo_dataset(root: str, n_train: int = 600, n_val: int = 200, size: int = 64, seed: int = 0) -> str:
+    """Write the offline demo dataset under `root` (once; later calls reuse it), deterministic by seed:
+    - `train/`, `val/`: ImageFolder by shape (10 classes), for pre-training and fine-tuning;
+    - `ADEChallengeData2016/{images,annotations}/{training,validation}`: the same images with per-pixel labels
+      (0 unused, 1-4 background textures, 5-14 shapes), for segmentation;
+    - `labels.json`: split, file, shape and texture of every image (for other labellings)."""
+    from PIL import Image
+    done = os.path.join(root, "labels.json")
+    if os.path.isfile(done):
+        return root
+    rng = np.random.default_rng(seed)
+    records = []
+    for split, n, ade_split in (("train", n_train, "training"), ("val", n_val, "validation")):
+        for i in range(n):
+            image, labels, shape, texture = _demo_image(rng, size)
+            name = f"{split}_{i:05d}"
+            path = os.path.join(root, split, DEMO_SHAPES[shape], name + ".png")
+            for p in (path, os.path.join(root, "ADEChallengeData2016", "images", ade_split, name + ".jpg"),
+                      os.path.join(root, "ADEChallengeData2016", "annotations", ade_split, name + ".png")):
+                os.makedirs(os.path.dirname(p), exist_ok=True)
+            Image.fromarray(image).save(path)
+            Image.fromarray(image).save(os.path.join(root, "ADEChallengeData2016", "images", ade_split, name + ".jpg"),
+                                        quality=95)
+            Image.fromarray(labels).save(os.path.join(root, "ADEChallengeData2016", "annotations", ade_split,
+                                                      name + ".png"))
+            records.append({"split": split, "file": os.path.relpath(path, root), "shape": DEMO_SHAPES[shape],
+                            "texture": DEMO_TEXTURES[texture]})
+    with open(done + ".tmp", "w") as f:
+        json.dump(records, f)
+    os.replace(done + ".tmp", done)  # written last: its presence means the dataset is complete
+    return root
