@@ -197,6 +197,16 @@ def start_epoch(loader, epoch: int, seed: int):
     loader.generator.manual_seed(seed * 1000 + epoch)  # seeds the workers' augmentation RNGs
 
 
+def skip_batches(loader, batches: int):
+    """The loader's epoch without its first `batches` batches (resuming mid-epoch), without loading them."""
+    if batches == 0:
+        return loader
+    indices = list(loader.sampler)[batches * loader.batch_size:]
+    return torch.utils.data.DataLoader(
+        loader.dataset, batch_size=loader.batch_size, sampler=indices, num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory, drop_last=loader.drop_last, generator=loader.generator)
+
+
 # ------------------------------------------------------------------------------------------------- progress
 def progress(iterable, dist_: Dist, **kwargs):
     return tqdm(iterable, disable=not dist_.is_main, dynamic_ncols=True, **kwargs)
