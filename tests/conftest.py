@@ -1,0 +1,64 @@
+"""Shared fixtures. Tests run on CPU; tests marked `cuda` skip on machines without a GPU."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CIFAR10 = os.path.join(ROOT, "..", "shared", "data", "cifar10")
+sys.path.insert(0, ROOT)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU on this machine")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    """The generated demo dataset (64 px), made once per test session."""
+    import common
+    return common.make_demo_dataset(str(tmp_path_factory.mktemp("demo")), n_train=120, n_val=40, size=64)
+
+
+@pytest.fixture(scope="session")
+def cifar10():
+    if not os.path.isdir(CIFAR10):
+        pytest.skip(f"{CIFAR10} is absent (developer/CI data only)")
+    return CIFAR10
+
+
+def run_script(args, cwd=ROOT, env=None, timeout=600, check=True):
+    """Run a stage script in a subprocess (as a user would); return the CompletedProcess."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", **(env or {})}
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
+                             f"stderr:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def tiny_pretrain_args(demo_root, out_dir, *extra):
+    """pretrain.py on the demo data with a 2-block tiny ViT and a tiny random teacher: seconds per step."""
+    return ["pretrain.py", "config/pretrain_demo.py", f"--demo_data={demo_root}", f"--data_dir={demo_root}/train",
+            f"--out_dir={out_dir}", "--depth=2", "--epochs=2", "--warmup_epochs=1", "--batch_size=16",
+            "--micro_batch_size=16", "--workers=0", *extra]
+
+
+@pytest.fixture(scope="session")
+def pretrain_ckpt(demo_root, tmp_path_factory):
+    """A tiny pre-training checkpoint of this project (64 px, patch 8, tiny width, depth 2)."""
+    out = tmp_path_factory.mktemp("pretrain_ckpt")
+    run_script(tiny_pretrain_args(demo_root, out, "--max_steps=2"))
+    return os.path.join(out, "ckpt.pt")
