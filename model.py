@@ -133,15 +133,17 @@ class VisionTransformer(nn.Module):
         self.head = nn.Linear(embed_dim, num_classes) if num_classes else None
         self._init_weights()
 
-    def _init_weights(self):
+    def _init_weights(self, std=0.02):
+        # BEiT v2 / DTM pre-training truncate at +-1 std (their trunc_normal_ wrapper passes a=-std, b=std).
+        init = lambda p: nn.init.trunc_normal_(p, std=std, a=-std, b=std)
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
-                nn.init.trunc_normal_(m.weight, std=0.02)
+                init(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         for p in (self.cls_token, self.mask_token, self.pos_embed):
             if p is not None:
-                nn.init.trunc_normal_(p, std=0.02)
+                init(p)
         for layer_id, block in enumerate(self.blocks, start=1):  # BEiT: keep deep residual sums in scale
             block.attn.proj.weight.data.div_(math.sqrt(2.0 * layer_id))
             block.mlp.fc2.weight.data.div_(math.sqrt(2.0 * layer_id))
@@ -243,3 +245,117 @@ def load_backbone(model: VisionTransformer, ckpt: dict, log=print) -> None:
         raise ValueError("checkpoint does not fit this model (another model size?):\n  " + "\n  ".join(mismatched))
     missing, unexpected = model.load_state_dict(state, strict=False)
     log(f"loaded backbone: missing keys {missing or 'none'}; unexpected keys {unexpected or 'none'}")
+
+
+# -------------------------------------------------------------------------------- UperNet for segmentation
+# A plain-torch UperNet on a ViT backbone, as BEiT v2 uses it for ADE20K (mmseg's UPerHead and FCNHead, and
+# BEiT's multi-scale adapters), so that segmentation needs no mmcv/mmseg.
+def default_out_indices(depth: int) -> list[int]:
+    """Blocks whose outputs feed the head: 4 spread over the depth ([3, 5, 7, 11] for 12 blocks, [7, 11, 15,
+    23] for 24, as BEiT); the last block always ends the list, so every block gets a gradient."""
+    return [max(0, round(depth * f) - 1) for f in (1 / 3, 1 / 2, 2 / 3, 1)]
+
+
+def conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
+    """mmseg's ConvModule: a conv without bias (BatchNorm follows), BatchNorm, ReLU."""
+    conv = nn.Conv2d(cin, cout, k, padding=k // 2, bias=False)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")  # mmcv's ConvModule init
+    return nn.Sequential(conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+def upsample(x: torch.Tensor, size) -> torch.Tensor:
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def classifier(channels: int, num_classes: int, dropout: float) -> nn.Sequential:
+    """Dropout2d then a 1x1 conv (mmseg's cls_seg), initialised with std 0.01."""
+    conv = nn.Conv2d(channels, num_classes, 1)
+    nn.init.normal_(conv.weight, std=0.01)
+    nn.init.zeros_(conv.bias)
+    return nn.Sequential(nn.Dropout2d(dropout), conv)
+
+
+class UperHead(nn.Module):
+    """Pyramid pooling on the coarsest level, FPN laterals with a top-down path, 3x3 FPN convs, then all
+    levels upsampled to the finest, concatenated, fused by a 3x3 conv and classified."""
+
+    def __init__(self, in_channels: int, channels: int, num_classes: int, pool_scales=(1, 2, 3, 6),
+                 dropout: float = 0.1, levels: int = 4):
+        super().__init__()
+        self.ppm = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(s), conv_bn_relu(in_channels, channels, 1))
+                                 for s in pool_scales)
+        self.ppm_bottleneck = conv_bn_relu(in_channels + len(pool_scales) * channels, channels, 3)
+        self.laterals = nn.ModuleList(conv_bn_relu(in_channels, channels, 1) for _ in range(levels - 1))
+        self.fpn_convs = nn.ModuleList(conv_bn_relu(channels, channels, 3) for _ in range(levels - 1))
+        self.fpn_bottleneck = conv_bn_relu(levels * channels, channels, 3)
+        self.cls = classifier(channels, num_classes, dropout)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        top = feats[-1]
+        pooled = [upsample(ppm(top), top.shape[-2:]) for ppm in self.ppm]
+        laterals = [lat(f) for lat, f in zip(self.laterals, feats)] + [self.ppm_bottleneck(torch.cat([top, *pooled], 1))]
+        for i in range(len(laterals) - 1, 0, -1):  # top-down: coarse context into finer levels
+            laterals[i - 1] = laterals[i - 1] + upsample(laterals[i], laterals[i - 1].shape[-2:])
+        outs = [conv(lat) for conv, lat in zip(self.fpn_convs, laterals)] + [laterals[-1]]
+        outs = [outs[0]] + [upsample(o, outs[0].shape[-2:]) for o in outs[1:]]
+        return self.cls(self.fpn_bottleneck(torch.cat(outs, 1)))
+
+
+class FCNHead(nn.Module):
+    """The auxiliary head: one 3x3 conv, dropout, 1x1 classifier (its loss only regularises training)."""
+
+    def __init__(self, in_channels: int, channels: int, num_classes: int, dropout: float = 0.1):
+        super().__init__()
+        self.conv = conv_bn_relu(in_channels, channels, 3)
+        self.cls = classifier(channels, num_classes, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cls(self.conv(x))
+
+
+class UperNetSegmenter(nn.Module):
+    """ViT backbone -> 4 block outputs (class token dropped) as maps at stride p -> adapters to strides 4, 8,
+    16, 32 -> UperHead; an FCN auxiliary head reads the stride-16 level. Logits come back at the input size."""
+
+    def __init__(self, backbone: VisionTransformer, num_classes: int, channels: int = 768,
+                 aux_channels: int = 256, out_indices=None, dropout: float = 0.1):
+        super().__init__()
+        self.backbone = backbone
+        backbone.norm = None  # features are taken before the final norm; an unused norm would upset DDP
+        depth, dim = len(backbone.blocks), backbone.embed_dim
+        self.out_indices = list(out_indices) if out_indices else default_out_indices(depth)
+        if len(self.out_indices) != 4 or not all(0 <= i < depth for i in self.out_indices):
+            raise ValueError(f"out_indices={self.out_indices}: need 4 block indices in [0, {depth - 1}]")
+        self.fpn1 = nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, 2), nn.BatchNorm2d(dim), nn.GELU(),
+                                  nn.ConvTranspose2d(dim, dim, 2, 2))  # x4
+        self.fpn2 = nn.ConvTranspose2d(dim, dim, 2, 2)  # x2
+        self.fpn3 = nn.Identity()
+        self.fpn4 = nn.MaxPool2d(2)  # x1/2
+        self.decode_head = UperHead(dim, channels, num_classes, dropout=dropout)
+        self.aux_head = FCNHead(dim, aux_channels, num_classes, dropout=dropout)
+
+    def layer_id(self, name: str) -> int:
+        """The backbone's layer ids; the adapters and heads sit above the last block (lr scale 1)."""
+        if name.startswith("backbone."):
+            return self.backbone.layer_id(name[len("backbone."):])
+        return len(self.backbone.blocks) + 1
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Image [B, 3, S, S] (S = the backbone's img_size) -> maps at strides 4, 8, 16, 32 (for patch 16)."""
+        if tuple(x.shape[-2:]) != (self.backbone.img_size,) * 2:
+            raise ValueError(f"input {tuple(x.shape[-2:])}: this segmenter takes {self.backbone.img_size}px "
+                             f"crops (its position tables are built for that grid); slide a window over larger inputs")
+        wanted = sorted(set(self.out_indices))
+        _, tokens = self.backbone.forward_blocks(x, out_indices=wanted)
+        by_block = dict(zip(wanted, tokens))
+        B, (H, W) = x.shape[0], self.backbone.grid
+        maps = [by_block[i].transpose(1, 2).reshape(B, -1, H, W) for i in self.out_indices]
+        return [self.fpn1(maps[0]), self.fpn2(maps[1]), self.fpn3(maps[2]), self.fpn4(maps[3])]
+
+    def forward(self, x: torch.Tensor, with_aux: bool = False):
+        """Logits [B, classes, S, S]; with_aux: (logits, auxiliary logits), both at the input size."""
+        feats = self.features(x)
+        logits = upsample(self.decode_head(feats), x.shape[-2:])
+        if not with_aux:
+            return logits
+        return logits, upsample(self.aux_head(feats[2]), x.shape[-2:])
