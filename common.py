@@ -102,6 +102,15 @@ def load_checkpoint(path: str) -> dict:
         raise ValueError(f"cannot read checkpoint {path!r}: {e}") from e
 
 
+def weights_digest(state_dict: dict) -> str:
+    """A short fingerprint of a state dict, bit for bit."""
+    import hashlib
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state_dict.items()):
+        digest.update(name.encode() + tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain model under DDP and torch.compile wrappers (its state_dict keys have no prefixes)."""
     model = getattr(model, "module", model)
@@ -174,11 +183,27 @@ class ImageFolder(datasets.ImageFolder):
         raise RuntimeError(f"no readable image in {self.root!r}")
 
 
+class ShardSampler(torch.utils.data.Sampler):
+    """Evaluation under DDP: rank r takes samples r, r + W, r + 2W, ... so that every sample is counted exactly
+    once (DistributedSampler pads the last shard with duplicates). Shards may differ in length by one."""
+
+    def __init__(self, size: int, rank: int, world_size: int):
+        self.indices = range(rank, size, world_size)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
 def data_loader(dataset, batch_size: int, dist_: Dist, train: bool, workers: int, seed: int = 0, drop_last=None):
-    """DataLoader with a DistributedSampler under DDP. Training shuffles from `seed` and set_epoch(), so a
-    resumed run sees the same order as an uninterrupted one."""
+    """DataLoader with a DistributedSampler under DDP for training (evaluation: ShardSampler, no duplicates).
+    Training shuffles from `seed` and set_epoch(), so a resumed run sees the same order as an uninterrupted one."""
     sampler = None
-    if dist_.world_size > 1:
+    if dist_.world_size > 1 and not train:
+        sampler = ShardSampler(len(dataset), dist_.rank, dist_.world_size)
+    elif dist_.world_size > 1:
         sampler = torch.utils.data.DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=train)
     elif train:
         sampler = torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))

@@ -232,7 +232,11 @@ def main(config: dict):
 
     # Data, teacher, student, optimizer.
     grid = img_size // patch_size
-    dataset = MaskedImages(common.ImageFolder(data_dir), img_size, BlockMasking(grid, num_masked, min_block))
+    try:
+        images = common.ImageFolder(data_dir)
+    except FileNotFoundError as e:
+        raise SystemExit(f"data_dir: {e}") from None
+    dataset = MaskedImages(images, img_size, BlockMasking(grid, num_masked, min_block))
     loader = common.data_loader(dataset, micro_batch_size, dist_, train=True, workers=workers, seed=seed)
     steps_per_epoch = len(loader) // accum
     if steps_per_epoch == 0:
@@ -339,8 +343,9 @@ def main(config: dict):
         dist_.print(f"interrupted: saving {ckpt_path} at step {step}")
         checkpoint(epoch, (micro // accum) * accum)  # complete optimizer steps only
         raise SystemExit(130)
-    finally:
-        dist_.close()
+    if dist_.world_size > 1:  # DDP keeps replicas identical; print a fingerprint so that is easy to check
+        print(f"rank {dist_.rank}: weights sha256 {common.weights_digest(student.state_dict())}", flush=True)
+    dist_.close()
 
 
 def check_finite(loss_sum: torch.Tensor, dist_: common.Dist, step: int) -> float:

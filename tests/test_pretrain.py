@@ -1,0 +1,186 @@
+"""pretrain.py end to end (subprocesses, as a user runs it) and its data pipeline."""
+import json
+import os
+import random
+import shutil
+import sys
+
+import pytest
+import torch
+
+import common
+from conftest import run_script, tiny_pretrain_args
+
+
+def digest_of(path):
+    return common.weights_digest(common.load_checkpoint(path)["model"])
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_demo_run_writes_a_complete_checkpoint(pretrain_ckpt):
+    ckpt = common.load_checkpoint(pretrain_ckpt)  # weights_only=True
+    assert ckpt["step"] == 2 and ckpt["config"]["max_steps"] == 2 and ckpt["config"]["depth"] == 2
+    assert ckpt["model_args"]["out_dim"] == 64 and ckpt["model_args"]["mask_token"]
+    assert set(ckpt) >= {"model", "optimizer", "rng", "epoch", "batches_done"}
+    assert len(ckpt["optimizer"]["state"]) == len([k for k in ckpt["model"] if "index" not in k])
+    log = read_log(os.path.dirname(pretrain_ckpt))
+    assert len(log) == 1 and log[0]["step"] == 2 and 0 < log[0]["loss"] < 10
+
+
+def test_the_demo_config_itself_runs(demo_root, tmp_path):
+    proc = run_script(["pretrain.py", "config/pretrain_demo.py", f"--demo_data={demo_root}",
+                       f"--data_dir={demo_root}/train", f"--out_dir={tmp_path}", "--max_steps=1", "--workers=0"])
+    assert "RANDOMLY INITIALISED" in proc.stderr  # a random teacher is announced loudly
+    assert "model              = 'tiny'" in proc.stdout  # the resolved configuration is printed
+    assert read_log(tmp_path)[0]["step"] == 1
+
+
+def test_resume_gives_the_same_next_epoch(demo_root, tmp_path):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    run_script(tiny_pretrain_args(demo_root, whole))
+    steps_per_epoch = read_log(whole)[0]["step"]
+    run_script(tiny_pretrain_args(demo_root, split, f"--max_steps={steps_per_epoch}"))  # stops after epoch 1
+    assert [r["epoch"] for r in read_log(split)] == [0]
+    proc = run_script(tiny_pretrain_args(demo_root, split))
+    assert "resuming from" in proc.stdout
+    a, b = read_log(whole), read_log(split)
+    assert [r["epoch"] for r in b] == [0, 1]
+    assert a[1]["loss"] == b[1]["loss"] and a[1]["step"] == b[1]["step"]
+    assert digest_of(whole / "ckpt.pt") == digest_of(split / "ckpt.pt")
+
+
+def test_gradient_accumulation_equals_one_big_batch(demo_root, tmp_path):
+    # The token-wise loss is a mean over equal micro-batches, so 2 x 8 accumulated must equal 1 x 16.
+    args = ["--dtm=False", "--max_steps=1", "--epochs=1", "--warmup_epochs=0", "--grad_clip=0.0"]
+    run_script(tiny_pretrain_args(demo_root, tmp_path / "big", *args))
+    run_script(tiny_pretrain_args(demo_root, tmp_path / "accum", *args, "--micro_batch_size=8"))
+    big = common.load_checkpoint(tmp_path / "big" / "ckpt.pt")["model"]
+    accum = common.load_checkpoint(tmp_path / "accum" / "ckpt.pt")["model"]
+    for key in big:
+        torch.testing.assert_close(accum[key], big[key], rtol=1e-4, atol=1e-6)
+
+
+def test_torchrun_two_processes_on_gloo(demo_root, tmp_path):
+    proc = run_script(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                       *tiny_pretrain_args(demo_root, tmp_path, "--micro_batch_size=4", "--max_steps=2")])
+    digests = {line.split()[1]: line.split()[-1] for line in proc.stdout.splitlines() if "weights sha256" in line}
+    assert set(digests) == {"0:", "1:"}
+    assert digests["0:"] == digests["1:"]  # both replicas ended with bit-identical weights
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "log.jsonl"]  # rank 0 alone writes
+    assert len(read_log(tmp_path)) == 1
+    assert digest_of(tmp_path / "ckpt.pt") == digests["0:"]
+    assert proc.stdout.count("configuration:") == 1  # printed once
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(demo_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("good")
+    run_script(tiny_pretrain_args(demo_root, out, "--max_steps=1"))
+    return out
+
+
+@pytest.fixture()
+def good_run(good_checkpoint, tmp_path):
+    """An out_dir with a good checkpoint, and a check that the test's failed run left it untouched."""
+    out = tmp_path / "out"
+    shutil.copytree(good_checkpoint, out)
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    yield out
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+
+
+def test_missing_and_empty_data_dir_are_clear_errors(demo_root, good_run, tmp_path):
+    missing = tmp_path / "nope"
+    proc = run_script(tiny_pretrain_args(demo_root, good_run, f"--data_dir={missing}"), check=False)
+    assert proc.returncode != 0 and f"data folder '{missing}' does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    empty = tmp_path / "empty"
+    (empty / "some_class").mkdir(parents=True)
+    proc = run_script(tiny_pretrain_args(demo_root, good_run, f"--data_dir={empty}"), check=False)
+    assert proc.returncode != 0 and f"no images in '{empty}'" in proc.stderr
+
+
+def test_unknown_key_is_a_clear_error(demo_root, good_run):
+    proc = run_script(tiny_pretrain_args(demo_root, good_run, "--num_schedule=3"), check=False)
+    assert proc.returncode != 0 and "unknown setting 'num_schedule'" in proc.stderr
+    assert "did you mean num_schedules" in proc.stderr
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(demo_root, good_run):
+    proc = run_script(tiny_pretrain_args(demo_root, good_run, "--lr=1e30", "--warmup_epochs=0", "--grad_clip=0.0",
+                                         "--max_steps=5", "--log_interval=1"), check=False)
+    assert proc.returncode != 0 and "non-finite loss" in proc.stderr
+
+
+def test_unreachable_teacher_weights_say_how_to_pass_a_file(demo_root, good_run):
+    proc = run_script(tiny_pretrain_args(demo_root, good_run, "--teacher_pretrained=/no/such/weights.bin"),
+                      check=False)
+    assert proc.returncode != 0 and "--teacher_pretrained=/path/to/" in proc.stderr
+
+
+def test_corrupt_jpeg_is_skipped_with_a_warning(demo_root, tmp_path):
+    data = tmp_path / "data" / "mixed"
+    data.mkdir(parents=True)
+    for name in sorted(common.ImageFolder(os.path.join(demo_root, "train")).samples)[:7]:
+        shutil.copy(name[0], data)
+    bad = data / "broken.jpg"  # with 7 good images, one batch of 8 must read it
+    bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    proc = run_script(tiny_pretrain_args(demo_root, tmp_path / "out", f"--data_dir={data.parent}", "--epochs=1",
+                                         "--micro_batch_size=8", "--batch_size=8"))
+    assert f"skipping unreadable image {bad}" in proc.stderr
+    assert read_log(tmp_path / "out")[0]["step"] == 1
+
+
+def test_a_checkpoint_of_this_project_can_be_the_teacher(demo_root, pretrain_ckpt, tmp_path):
+    run_script(tiny_pretrain_args(demo_root, tmp_path, f"--teacher={pretrain_ckpt}", "--max_steps=1"))
+    ckpt = common.load_checkpoint(tmp_path / "ckpt.pt")
+    assert ckpt["model_args"]["out_dim"] == 64  # the teacher checkpoint's own prediction width
+
+
+def test_clip_teacher_targets_are_projected_ln_post_patch_tokens():
+    import pretrain
+    torch.manual_seed(0)
+    teacher = pretrain.ClipTeacher("ViT-B-16-quickgelu", "", {
+        "embed_dim": 32, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 1,
+                                        "head_width": 32}, "text_cfg": {"width": 32, "heads": 1, "layers": 1}}).eval()
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    v = teacher.visual
+    x = pretrain.normalize(images, pretrain.CLIP_MEAN, pretrain.CLIP_STD)
+    x = v.conv1(x).flatten(2).transpose(1, 2)
+    x = torch.cat([v.class_embedding.expand(2, 1, -1), x], 1) + v.positional_embedding
+    x = v.ln_post(v.transformer(v.ln_pre(x)))
+    expected = x[:, 1:] @ v.proj
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(images), expected)
+    assert teacher(images).shape == (2, 16, 32)
+
+
+def test_block_masking_counts_and_blocks():
+    import pretrain
+    random.seed(0)
+    masking = pretrain.BlockMasking(14, 75, 16)
+    counts = [int(masking().sum()) for _ in range(300)]
+    assert max(counts) == 75 and sum(counts) / len(counts) > 72  # BEiT's rule can stop a little short
+    mask = masking().view(14, 14)
+    # Blocks, not scattered patches: most masked patches have a masked 4-neighbour.
+    padded = torch.nn.functional.pad(mask.float(), (1, 1, 1, 1))
+    neighbours = padded[:-2, 1:-1] + padded[2:, 1:-1] + padded[1:-1, :-2] + padded[1:-1, 2:]
+    assert ((neighbours > 0) & mask).sum() >= 0.9 * mask.sum()
+
+
+def test_cifar10_images_through_the_pretraining_pipeline(cifar10):
+    import pretrain
+    images = common.ImageFolder(os.path.join(cifar10, "test"))
+    assert len(images.classes) == 10 and len(images) == 10000
+    data = pretrain.MaskedImages(images, 32, pretrain.BlockMasking(4, 6, 2))
+    for i in (0, 5000, 9999):
+        image, mask = data[i]
+        assert image.shape == (3, 32, 32) and image.dtype == torch.uint8
+        assert image.float().std() > 5  # a real photo, not a blank
+        assert mask.shape == (16,) and 1 <= mask.sum() <= 6
+    batch = next(iter(torch.utils.data.DataLoader(data, batch_size=8, num_workers=2)))
+    assert batch[0].shape == (8, 3, 32, 32) and batch[1].shape == (8, 16)
