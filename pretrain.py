@@ -267,10 +267,11 @@ def main(config: dict):
     elif dist_.is_main:
         os.makedirs(out_dir, exist_ok=True)
 
-    model = torch.compile(student) if compile else student
-    loss_fn = torch.compile(dtm_loss) if compile else dtm_loss
+    model = student
     if dist_.world_size > 1:
         model = DDP(model, device_ids=[dist_.device.index] if dist_.device.type == "cuda" else None)
+    model = torch.compile(model) if compile else model  # compiling DDP lets it split graphs at its buckets
+    loss_fn = torch.compile(dtm_loss) if compile else dtm_loss
 
     def checkpoint(epoch, batches):
         if dist_.is_main:
