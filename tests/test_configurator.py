@@ -58,3 +58,21 @@ def test_configure_updates_globals_and_exits_cleanly_on_error(capsys):
     assert "epochs" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="config error: unknown setting 'SOME_CONSTANT'"):
         configure(namespace, ["--SOME_CONSTANT=4"])
+
+
+def test_every_config_file_fits_its_script():
+    """Each config/<stage>_*.py sets only settings its script declares, with the right types."""
+    import glob
+    import importlib
+    import os
+
+    from configurator import settings_of
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    scripts = {"pretrain": "pretrain", "finetune": "finetune", "segment": "segment", "transfer": "eval_transfer"}
+    files = sorted(glob.glob(os.path.join(root, "config", "*.py")))
+    assert any("pretrain_demo" in f for f in files)
+    for path in files:
+        stage = os.path.basename(path).split("_")[0]
+        assert stage in scripts, f"{path}: config files are named <stage>_<name>.py, stage one of {list(scripts)}"
+        defaults = settings_of(vars(importlib.import_module(scripts[stage])))
+        assert parse_args([path], defaults), f"{path} changes nothing"
