@@ -48,16 +48,19 @@ def morph_groups(tokens: torch.Tensor, schedule: list[int]) -> torch.Tensor:
 
 
 def _match(gram: torch.Tensor, schedule: list[int]) -> torch.Tensor:
-    """morph_groups from the tokens' Gram matrix [B, N, N], which it updates in place.
+    """morph_groups from the tokens' Gram matrix [B, N, N] (left unchanged).
 
-    A group's sum is indexed by one member token (its key): row and column i of `gram` hold the dot products
-    of the group keyed by token i, so merging a group into another adds its row and column to the other's.
-    A round reads O(tN) numbers per sample instead of the O(tD) of renormalising every group's token, and
-    the Gram matrix (one batched matmul) is shared by all schedules of a step (_schedule_slots)."""
+    A group's sum is indexed by one member token (its key): row and column i of the Gram matrix hold the
+    dot products of the group keyed by token i, so merging a group into another adds its row and column to
+    the other's. A round reads O(tN) numbers per sample instead of the O(tD) of renormalising every group's
+    token, and one Gram matrix (a batched matmul) serves all the schedules of a step (_schedule_slots).
+    The copy updated here is laid out [N, B, N], so that rows and columns are both slices of a 2-D view
+    for index_select and index_add_: (b, i, j) is row i*B + b of `rows` and column b*N + j of `cols`."""
     B, N, _ = gram.shape
     device = gram.device
-    rows = gram.view(B * N, N)
-    offset = torch.arange(B, device=device)[:, None] * N  # row of token i of sample b: b*N + i
+    g = gram.transpose(0, 1).contiguous()  # [N, B, N]
+    rows, cols = g.view(N * B, N), g.view(N, B * N)
+    batch = torch.arange(B, device=device)[:, None]
     key = torch.arange(N, device=device).expand(B, N)  # the key token of each group, in sequence order
     group = key  # token -> position of its group in the current sequence
     for r in schedule:
@@ -67,17 +70,19 @@ def _match(gram: torch.Tensor, schedule: list[int]) -> torch.Tensor:
             continue
         key_a, key_b = key[:, ::2], key[:, 1::2]
         n_a, n_b = key_a.shape[1], key_b.shape[1]
-        norm = gram.diagonal(dim1=1, dim2=2).clamp(min=0).sqrt().clamp(min=1e-12)  # as F.normalize
-        dots = rows.index_select(0, (key_a + offset).flatten()).view(B, n_a, N).gather(
+        norm = g.diagonal(dim1=0, dim2=2).clamp(min=0).sqrt().clamp(min=1e-12)  # [B, N], as F.normalize
+        dots = rows.index_select(0, (key_a * B + batch).flatten()).view(B, n_a, N).gather(
             2, key_b[:, None].expand(-1, n_a, -1))
         cos = dots / (norm.gather(1, key_a)[..., None] * norm.gather(1, key_b)[:, None])
-        best, partner = cos.max(dim=-1)  # [B, |A|]
+        partner = cos.argmax(dim=-1)  # [B, |A|] (argmax, not max(dim): that stalls on busy CPUs)
+        best = cos.gather(2, partner[..., None])[..., 0]
         by_score = best.argsort(dim=-1, descending=True, stable=True)
         merged, kept = by_score[:, :r], by_score[:, r:].sort(dim=-1).values
         n_kept = n_a - r
         src, dst = key_a.gather(1, merged), key_b.gather(1, partner.gather(1, merged))
-        rows.index_add_(0, (dst + offset).flatten(), rows.index_select(0, (src + offset).flatten()))
-        gram.scatter_add_(2, dst[:, None].expand(-1, N, -1), gram.gather(2, src[:, None].expand(-1, N, -1)))
+        rows.index_put_(((dst * B + batch).flatten(),), rows.index_select(0, (src * B + batch).flatten()),
+                        accumulate=True)  # as index_add_, whose CPU kernel always starts threads
+        cols.index_add_(1, (batch * N + dst).flatten(), cols.index_select(1, (batch * N + src).flatten()))
         # Where every current representative lands in the next, shorter sequence.
         new_a = torch.empty_like(best, dtype=torch.long)
         new_a.scatter_(1, kept, torch.arange(n_kept, device=device).expand(B, -1))
@@ -142,7 +147,7 @@ def _schedule_slots(target: torch.Tensor, schedules: list[list[int]]):
             with torch.autocast(target.device.type, enabled=False):
                 x = target.detach().to(_wide(target))
                 gram = x @ x.transpose(1, 2)
-        g = _match(gram.clone(), schedule)
+        g = _match(gram, schedule)
         groups.append(g)
         sizes.append(gram.new_zeros(B, M).scatter_add_(1, g, gram.new_ones(B, N)))
     return groups, sizes
