@@ -1,0 +1,352 @@
+"""Benchmark what DTM costs (in the spirit of nanoGPT's bench.py). Every figure comes from this one run:
+
+1. the pre-training step of pretrain.py (teacher forward, student forward and backward, loss, AdamW step)
+   with the DTM loss and with the token-wise baseline (dtm=False), interleaved step by step: ms per step,
+   images per second, peak memory, FLOPs (counted analytically) and, on GPU, the model FLOPs utilisation;
+   the DTM overhead is the ratio of the two medians;
+2. dtm_loss forward and backward against the dense formulation of the official release (N'xN source
+   matrices tracked over the rounds, morphing with two matmuls), worst case n = 196, k = 14;
+3. our ViT's forward and backward against timm's BEiT of identical size (when timm is importable).
+
+    python bench.py --threads=2                                         # ViT-S/16 student, ViT-B/16 teacher, 224 px, batch 16
+    python bench.py --model=base --batch_size=128 --compile --device=cuda   # the GPU figures (bf16 autocast)
+
+The teacher is a randomly initialised open_clip model (timing only: no download, same cost as trained).
+"""
+import contextlib
+import math
+import os
+import random
+import resource
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+import common
+import pretrain
+from configurator import configure
+from model import SIZES, VisionTransformer
+from morph import _wide, dtm_loss, sample_schedule
+
+# ------------------------------------------------------------------------------------------------- settings
+parts = "step,loss,vit"  # which benchmarks to run, comma-separated
+# the pre-training step (names as in pretrain.py)
+model = "small"
+depth = 0  # 0: the size's own depth
+img_size = 224
+patch_size = 16
+batch_size = 16
+teacher = "ViT-B-16-quickgelu"  # open_clip model name, randomly initialised
+teacher_overrides = {}
+num_masked = 75
+min_block = 16
+num_schedules = 2
+n_max = 196
+k_max = 14
+loss = "smooth_l1"
+beta = 2.0
+lr = 1e-4
+weight_decay = 0.05
+grad_clip = 3.0
+# the dtm_loss micro-benchmark: the worst case of the official ViT-B/16 settings
+loss_batch = 64
+loss_tokens = 196
+loss_dim = 512
+loss_n = 196  # tokens merged away per schedule
+loss_k = 14  # rounds per schedule
+# system
+device = "auto"
+compile = False
+threads = 0  # torch.set_num_threads; 0: torch's default
+warmup = 2  # untimed iterations per variant (compilation happens here)
+iters = 5  # timed iterations per variant
+peak_flops = 989e12  # the device's peak for MFU: H100 SXM bf16 dense; GPU only
+seed = 0
+
+
+# ------------------------------------------------------------------------------ the dense formulation
+def _merge_rows(v, unmerged, merged, partner, reduce):
+    """One round of the official release's merge (ToMe) on v [B, t, C]: merged A rows reduced into their B
+    partners; the result is the unmerged A rows, then the B rows."""
+    C = v.shape[-1]
+    a, b = v[:, ::2], v[:, 1::2]
+    kept = a.gather(1, unmerged[..., None].expand(-1, -1, C))
+    moved = a.gather(1, merged[..., None].expand(-1, -1, C))
+    b = b.scatter_reduce(1, partner[..., None].expand(-1, -1, C), moved, reduce=reduce)
+    return torch.cat([kept, b], dim=1)
+
+
+@torch.no_grad()
+def dense_sources(target: torch.Tensor, schedule: list[int]) -> torch.Tensor:
+    """The 0/1 source matrices [B, N', N] of the official release: row j marks the tokens merged into token j.
+
+    Rounds follow morph.py's semantics (no protected class token; unmerged A tokens keep their order), as
+    the official code does with ToMe's bipartite_soft_matching, merge_wavg and merge_source: the matching
+    metric is the running size-weighted mean of the merged tokens."""
+    B, N, _ = target.shape
+    x = target.detach().to(_wide(target))
+    size = x.new_ones(B, N, 1)
+    source = torch.eye(N, dtype=x.dtype, device=x.device).expand(B, N, N)
+    for r in schedule:
+        t = x.shape[1]
+        r = min(r, t // 2)
+        if r <= 0:
+            continue
+        metric = F.normalize(x, dim=-1)
+        scores = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)
+        best, partner = scores.max(dim=-1)
+        order = best.argsort(dim=-1, descending=True, stable=True)
+        merged, unmerged = order[:, :r], order[:, r:].sort(dim=-1).values
+        dst = partner.gather(1, merged)
+        x = _merge_rows(x * size, unmerged, merged, dst, "sum")
+        size = _merge_rows(size, unmerged, merged, dst, "sum")
+        x = x / size
+        source = _merge_rows(source, unmerged, merged, dst, "amax")
+    return source
+
+
+def dense_morph(x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """Morph x [B, N, C] with two matmuls: group means S x / |S|, then back to the tokens with S^T.
+    (The official code adds 1e-6 to |S|; left out here, so the result equals morph.py's exactly.)"""
+    return source.transpose(1, 2) @ ((source @ x) / source.sum(dim=-1, keepdim=True))
+
+
+def dense_dtm_loss(pred, target, schedules, loss="smooth_l1", beta=2.0):
+    """dtm_loss as the official release computes it: one source matrix and two matmuls per schedule."""
+    pred = pred.to(_wide(pred))
+    target = target.detach().to(pred.dtype)
+    total = 0.0
+    for schedule in schedules or [[]]:
+        source = dense_sources(target, schedule).to(pred.dtype)
+        p, t = dense_morph(pred, source), dense_morph(target, source)
+        if loss == "smooth_l1":  # written out, as the official smooth_l1_loss
+            diff = (p - t).abs()
+            total = total + torch.where(diff < beta, 0.5 * diff ** 2 / beta, diff - 0.5 * beta).mean()
+        elif loss == "l2":
+            total = total + ((p - t) ** 2).mean()
+        elif loss == "cosine":
+            total = total + (1 - F.cosine_similarity(p, t, dim=-1)).mean()
+        else:
+            raise ValueError(f"loss={loss!r}")
+    return total / max(1, len(schedules))
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def vit_flops(tokens: int, width: int, depth: int, hidden: int, patch_in: int, out_dim: int) -> int:
+    """Forward FLOPs of a ViT on one image (2 per multiply-add): per block the qkv, projection and MLP
+    matmuls and the two attention matmuls; the patch embedding; a head on the patch tokens."""
+    per_block = 2 * tokens * (4 * width * width + 2 * width * hidden) + 4 * tokens * tokens * width
+    return depth * per_block + 2 * (tokens - 1) * width * (patch_in + out_dim)
+
+
+def sync(dev: torch.device):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def time_interleaved(fns: dict, dev: torch.device) -> dict:
+    """Run each function warmup + iters times, interleaved (the order alternates every round, so drift
+    and neighbours' load hit every variant alike); return each one's timed durations in ms."""
+    times = {name: [] for name in fns}
+    names = list(fns)
+    for i in range(warmup + iters):
+        for name in names if i % 2 == 0 else names[::-1]:
+            sync(dev)
+            t0 = time.perf_counter()
+            fns[name]()
+            sync(dev)
+            if i >= warmup:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def fmt(ms: list) -> str:
+    return f"{statistics.median(ms):9.1f} ms (min {min(ms):.1f}, {len(ms)} runs)"
+
+
+def memory(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return f"peak GPU memory {torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB"
+    return f"peak RSS of this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+
+
+def amp(dev: torch.device):
+    """bf16 autocast on GPU, fp32 on CPU, as pretrain.py (common.Dist.autocast)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+
+
+# ------------------------------------------------------------------------------------------- benchmarks
+def bench_step(dev: torch.device):
+    # pretrain.py builds the teacher and the student from its own settings: give it ours.
+    for key in ("model", "depth", "img_size", "patch_size", "teacher", "teacher_overrides"):
+        setattr(pretrain, key, globals()[key])
+    pretrain.teacher_pretrained = ""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # pretrain.py's banner for a random teacher: expected here
+        teacher_net = pretrain.build_teacher(dev)
+    student = VisionTransformer(**pretrain.model_args(teacher_net.out_dim)).to(dev)
+    optimizer = common.adamw(common.param_groups(student, weight_decay), lr, (0.9, 0.98), 1e-8, dev)
+    net = torch.compile(student) if compile else student
+    loss_fn = torch.compile(dtm_loss) if compile else dtm_loss
+
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (batch_size, 3, img_size, img_size), dtype=torch.uint8, generator=gen).to(dev)
+    grid = img_size // patch_size
+    random.seed(seed)
+    masking = pretrain.BlockMasking(grid, num_masked, min_block)
+    masks = torch.stack([masking() for _ in range(batch_size)]).to(dev)
+    rng = random.Random(seed)
+    draws = [[sample_schedule(n_max, k_max, rng) for _ in range(num_schedules)] for _ in range(warmup + iters)]
+    calls = {"dtm": 0}
+
+    def step(schedules):
+        with torch.no_grad(), amp(dev):
+            targets = teacher_net(images).float()
+        with amp(dev):
+            pred = net(pretrain.normalize(images, common.IMAGENET_MEAN, common.IMAGENET_STD), masks)
+            loss_value = loss_fn(pred, targets, schedules, loss, beta)
+        loss_value.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return pred.detach(), targets
+
+    def dtm_step():
+        step(draws[calls["dtm"] % len(draws)])
+        calls["dtm"] += 1
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    times = time_interleaved({"DTM": dtm_step, "token-wise": lambda: step([])}, dev)
+    dtm_ms, base_ms = statistics.median(times["DTM"]), statistics.median(times["token-wise"])
+
+    # The loss alone, on this step's tensors: the DTM cost without the noise of the whole step.
+    pred, targets = step([])
+    pred.requires_grad_(True)
+    loss_calls = {"dtm": 0}
+
+    def loss_only(schedules):
+        with amp(dev):
+            value = loss_fn(pred, targets, schedules, loss, beta)
+        value.backward()
+        pred.grad = None
+
+    def dtm_loss_only():
+        loss_only(draws[loss_calls["dtm"] % len(draws)])
+        loss_calls["dtm"] += 1
+    loss_times = time_interleaved({"DTM": dtm_loss_only, "token-wise": lambda: loss_only([])}, dev)
+    extra = statistics.median(loss_times["DTM"]) - statistics.median(loss_times["token-wise"])
+
+    # Analytic FLOPs: teacher forward, student forward and backward (3x forward).
+    visual = teacher_net.visual
+    t_width, t_patch = visual.conv1.weight.shape[0], visual.conv1.weight.shape[-1]
+    t_flops = vit_flops(grid * grid + 1, t_width, len(visual.transformer.resblocks),
+                        visual.transformer.resblocks[0].mlp.c_fc.out_features, 3 * t_patch ** 2,
+                        teacher_net.out_dim)
+    s_flops = vit_flops(grid * grid + 1, student.embed_dim, len(student.blocks),
+                        student.blocks[0].mlp.fc1.out_features, 3 * patch_size ** 2, teacher_net.out_dim)
+    flops = batch_size * (t_flops + 3 * s_flops)
+    achieved = flops / (dtm_ms / 1e3)
+    mfu = f"MFU {100 * achieved / peak_flops:.1f}% of {peak_flops / 1e12:.0f} TFLOP/s" if dev.type == "cuda" \
+        else "MFU: GPU only"
+    schedules_seen = ", ".join(str(s) for s in draws[:3])
+    print(f"\n[step] student ViT-{model}/{patch_size} (depth {len(student.blocks)}), teacher {teacher} "
+          f"(random init), {img_size} px, batch {batch_size}, compile {compile}, loss {loss}, "
+          f"L={num_schedules}, n_max={n_max}, k_max={k_max} (schedules drawn per step: {schedules_seen}, ...)")
+    print(f"  DTM step        {fmt(times['DTM'])}  {batch_size / dtm_ms * 1e3:8.1f} images/s")
+    print(f"  token-wise step {fmt(times['token-wise'])}  {batch_size / base_ms * 1e3:8.1f} images/s")
+    print(f"  DTM overhead: {100 * (dtm_ms / base_ms - 1):+.2f}% of the step (ratio of the medians "
+          f"{dtm_ms / base_ms:.4f})")
+    print(f"  loss alone (forward + backward): DTM {fmt(loss_times['DTM'])}, token-wise "
+          f"{statistics.median(loss_times['token-wise']):.1f} ms: DTM adds {extra:.1f} ms = "
+          f"{100 * extra / base_ms:+.2f}% of the token-wise step")
+    print(f"  {memory(dev)}")
+    print(f"  {flops / 1e12:.3f} TFLOP per step (analytic), {achieved / 1e12:.3f} TFLOP/s, {mfu}")
+
+
+def bench_loss(dev: torch.device):
+    r = math.ceil(loss_n / loss_k)
+    if r * loss_k > loss_n:
+        r = loss_n // loss_k
+    schedules = [[r] * loss_k] * 2
+    gen = torch.Generator().manual_seed(seed)
+    pred = torch.randn(loss_batch, loss_tokens, loss_dim, generator=gen).to(dev).requires_grad_(True)
+    target = torch.randn(loss_batch, loss_tokens, loss_dim, generator=gen).to(dev)
+    values = {}
+
+    def run(fn, name):
+        def go():
+            values[name] = fn(pred, target, schedules, loss, beta)
+            values[name].backward()
+            pred.grad = None
+        return go
+    times = time_interleaved({"dtm_loss": run(dtm_loss, "dtm_loss"), "dense": run(dense_dtm_loss, "dense")}, dev)
+    ours, dense = statistics.median(times["dtm_loss"]), statistics.median(times["dense"])
+    print(f"\n[loss] dtm_loss forward + backward, B={loss_batch}, N={loss_tokens}, D={loss_dim}, L=2, "
+          f"n={loss_n}, k={loss_k} (schedule {r} x {loss_k} rounds), fp32")
+    print(f"  dtm_loss (morph.py)            {fmt(times['dtm_loss'])}")
+    print(f"  dense (source matrices, bmm)   {fmt(times['dense'])}")
+    print(f"  speed-up of dtm_loss over the dense formulation: {dense / ours:.2f}x")
+    print(f"  loss values: dtm_loss {values['dtm_loss'].item():.6f}, dense {values['dense'].item():.6f} "
+          f"(fp32: near-ties in the matching may differ; tests/test_bench.py checks equality in fp64)")
+
+
+def bench_vit(dev: torch.device):
+    try:
+        from timm.models.beit import Beit
+    except ImportError as e:
+        print(f"\n[vit] skipped: timm is not importable ({e})")
+        return
+    size = dict(SIZES[model])
+    if depth:
+        size["depth"] = depth
+    common_args = dict(img_size=img_size, patch_size=patch_size, embed_dim=size["embed_dim"],
+                       depth=size["depth"], num_heads=size["num_heads"], num_classes=1000)
+    ours = VisionTransformer(**common_args, layer_scale=0.1, shared_rel_pos=False, block_rel_pos=True).to(dev)
+    theirs = Beit(**common_args, init_values=0.1, use_abs_pos_emb=False, use_rel_pos_bias=True,
+                  global_pool="avg").to(dev)
+    n_ours, n_theirs = (sum(p.numel() for p in m.parameters()) for m in (ours, theirs))
+    images = torch.randn(batch_size, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed)).to(dev)
+
+    def fwd_bwd(net):
+        def go():
+            with amp(dev):
+                net(images).float().square().mean().backward()
+        return go
+    nets = {"ours": torch.compile(ours) if compile else ours, "timm": torch.compile(theirs) if compile else theirs}
+    times = time_interleaved({name: fwd_bwd(net) for name, net in nets.items()}, dev)
+    ratio = statistics.median(times["ours"]) / statistics.median(times["timm"])
+    print(f"\n[vit] forward + backward, ViT-{model}/{patch_size} depth {size['depth']}, {img_size} px, batch "
+          f"{batch_size}, per-block relative position bias, compile {compile}")
+    print(f"  ours (model.py)     {fmt(times['ours'])}  {n_ours / 1e6:.2f}M parameters")
+    print(f"  timm Beit           {fmt(times['timm'])}  {n_theirs / 1e6:.2f}M parameters")
+    print(f"  ours / timm time: {ratio:.3f} ({'faster' if ratio < 1 else 'slower'} by {abs(1 - ratio) * 100:.1f}%)")
+
+
+def main():
+    if threads:
+        torch.set_num_threads(threads)
+    dev = common.Dist(device).device
+    torch.manual_seed(seed)
+    where = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+             else f"CPU, {torch.get_num_threads()} threads of {os.cpu_count()} cores")
+    print(f"device: {where}; python {sys.version.split()[0]}, torch {torch.__version__}; "
+          f"load average at start {os.getloadavg()[0]:.2f}")
+    chosen = [p.strip() for p in parts.split(",") if p.strip()]
+    unknown = set(chosen) - {"step", "loss", "vit"}
+    if unknown:
+        raise SystemExit(f"parts: unknown {sorted(unknown)}; choose from step, loss, vit")
+    t0 = time.time()
+    for part in chosen:
+        {"step": bench_step, "loss": bench_loss, "vit": bench_vit}[part](dev)
+    print(f"\nbench done in {time.time() - t0:.0f} s; load average at end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    configure(globals())
+    main()

@@ -1,0 +1,141 @@
+"""Draw the token groups that DTM's matching finds on a teacher's tokens: the picture in README.md.
+
+    python show_morph.py                                      # generated demo image, random ViT-B/16 teacher
+    python show_morph.py --image=photo.jpg --out=morph.png --tokens="(196, 98, 49, 16)"
+    python show_morph.py --teacher=out/pretrain_demo/ckpt.pt  # a checkpoint of this project as the teacher
+
+For each number of remaining tokens, a schedule of equal rounds (as DTM draws them) merges the teacher's
+patch tokens into that many groups with morph.morph_groups; every group is drawn as one coloured region over
+the image (torchvision's draw_segmentation_masks, group borders in black), and the panels are saved side by
+side as one PNG. Offline, the teacher is a randomly initialised open_clip model: its tokens are a random
+function of the pixels, so its groups follow raw colour and texture similarity, not meaning.
+"""
+import colorsys
+import math
+import os
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torchvision.transforms import v2
+from torchvision.utils import draw_segmentation_masks, make_grid
+
+import common
+import pretrain
+from configurator import configure
+from morph import morph_groups
+
+# ------------------------------------------------------------------------------------------------- settings
+image = ""  # an image file; '' = a generated image (2x2 images of the demo dataset, common._demo_image)
+out = "docs/morph.png"
+teacher = "ViT-B-16-quickgelu"  # an open_clip model name, or a checkpoint of this project
+teacher_pretrained = ""  # open_clip weights (a tag or a local file); '' = random init
+teacher_overrides = {}
+tokens = (196, 98, 49, 16)  # numbers of remaining tokens, one panel each
+rounds = 4  # matching rounds per schedule
+alpha = 0.45  # opacity of the colours
+seed = 0
+device = "cpu"
+
+PAD, LABEL = 4, 18  # pixels between panels; height of the label strip
+
+
+def schedule_to(n: int, m: int, k: int) -> list[int]:
+    """Equal rounds (at least k) that merge n tokens into m groups; a round merges at most half of them."""
+    schedule = []
+    while n > m:
+        r = min(math.ceil((n - m) / max(1, k - len(schedule))), n // 2)
+        schedule.append(r)
+        n -= r
+    return schedule
+
+
+def input_size(net) -> int:
+    if hasattr(net, "net"):  # a checkpoint of this project
+        return net.net.img_size
+    size = net.visual.image_size
+    return size[0] if isinstance(size, (tuple, list)) else size
+
+
+def load_image(size: int) -> torch.Tensor:
+    """[3, size, size] uint8: the image file resized and centre-cropped, or a generated one."""
+    if not image:  # 2x2 tiles of the demo dataset's images: four textures, four shapes
+        rng = np.random.default_rng(seed)
+        half = size // 2
+        tiles = [common._demo_image(rng, half)[0] for _ in range(4)]
+        pixels = np.concatenate([np.concatenate(tiles[:2], 1), np.concatenate(tiles[2:], 1)], 0)
+        return v2.Resize(size, antialias=True)(torch.from_numpy(pixels).permute(2, 0, 1).contiguous())
+    resize = v2.Compose([v2.PILToTensor(), v2.Resize(size, antialias=True), v2.CenterCrop(size)])
+    return resize(Image.open(image).convert("RGB"))
+
+
+def palette(n: int, rng: np.random.Generator) -> list[tuple[int, int, int]]:
+    """n distinct, shuffled colours (hues spread by the golden ratio)."""
+    hues = (np.arange(n) * 0.618033988749895) % 1.0
+    colours = [tuple(int(255 * c) for c in colorsys.hsv_to_rgb(h, 0.75, 0.95)) for h in hues]
+    return [colours[i] for i in rng.permutation(n)]
+
+
+def draw_groups(img: torch.Tensor, groups: torch.Tensor, grid: int, rng) -> torch.Tensor:
+    """The image with each group of `groups` [grid*grid] as one coloured region, borders in black."""
+    size = img.shape[-1]
+    patch = size // grid
+    pixel_groups = groups.view(grid, grid).repeat_interleave(patch, 0).repeat_interleave(patch, 1)
+    ids = pixel_groups.unique()
+    masks = pixel_groups[None] == ids[:, None, None]
+    drawn = draw_segmentation_masks(img, masks, alpha=alpha, colors=palette(len(ids), rng))
+    border = torch.zeros(size, size, dtype=torch.bool)
+    border[1:] |= pixel_groups[1:] != pixel_groups[:-1]
+    border[:, 1:] |= pixel_groups[:, 1:] != pixel_groups[:, :-1]
+    return drawn.masked_fill(border, 0)
+
+
+def labelled(panel: torch.Tensor, text: str) -> torch.Tensor:
+    strip = Image.new("RGB", (panel.shape[-1], LABEL), "white")
+    ImageDraw.Draw(strip).text((4, 3), text, fill="black")
+    strip = torch.from_numpy(np.array(strip)).permute(2, 0, 1)
+    return torch.cat([strip, panel], dim=1)
+
+
+@torch.no_grad()
+def main():
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    pretrain.teacher, pretrain.teacher_pretrained, pretrain.teacher_overrides = \
+        teacher, teacher_pretrained, teacher_overrides
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # pretrain.py's banner for a random teacher: said below
+        net = pretrain.build_teacher(dev).float()
+    if os.path.isfile(teacher):
+        which = f"checkpoint {teacher}"
+    elif teacher_pretrained:
+        which = f"open_clip {teacher} with weights {teacher_pretrained!r}"
+    else:
+        which = (f"open_clip {teacher}, RANDOMLY INITIALISED (groups follow raw pixel similarity, "
+                 f"not meaning)")
+    size = input_size(net)
+    img = load_image(size)
+    target = net(img[None].to(dev)).float()  # [1, N, C]
+    n = target.shape[1]
+    grid = math.isqrt(n)
+    rng = np.random.default_rng(seed)
+    panels = [labelled(img, "image" if image else "generated image")]
+    for m in tokens:
+        if not 1 <= m <= n:
+            raise SystemExit(f"tokens: {m} is not between 1 and the teacher's {n} tokens")
+        schedule = schedule_to(n, m, rounds)
+        groups = morph_groups(target, schedule)[0].cpu()
+        assert groups.unique().numel() == m, (m, schedule)
+        panels.append(labelled(draw_groups(img, groups, grid, rng), f"{m} tokens"))
+        print(f"{m:4d} tokens: schedule {schedule}")
+    picture = make_grid(torch.stack(panels), nrow=len(panels), padding=PAD, pad_value=255)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    Image.fromarray(picture.permute(1, 2, 0).numpy()).save(out, optimize=True)
+    print(f"teacher: {which}\nimage: {image or 'generated (2x2 demo images, seed %d)' % seed}, {size} px, "
+          f"{n} tokens\nwrote {out} ({picture.shape[2]}x{picture.shape[1]} px)")
+
+
+if __name__ == "__main__":
+    configure(globals())
+    main()
