@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The GPU check, for a lent GPU machine: in under 8 minutes on one H100 it runs
+#   1. the test suite's CUDA-marked tests (bf16 autocast, torch.compile of the student and of dtm_loss,
+#      fused AdamW);
+#   2. 30 steps of the offline demo pre-training on CUDA;
+#   3. bench.py at ViT-B/16 (batch 128, bf16 autocast, compiled) with a randomly initialised ViT-B/16 CLIP
+#      teacher: step time, images/s, peak memory, MFU, DTM overhead, dtm_loss vs the dense formulation;
+#      then our ViT-B/16 against timm's BEiT (eager, bf16);
+# printing every figure. It installs and downloads nothing, and uses `python` as found (or $PYTHON).
+# Every stage has a time limit, so the whole check ends within 8 minutes even if one stage hangs.
+# With $OUT set, a copy of all output goes to $OUT/gpu_check.log.
+#
+#   bash scripts/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+export PYTHONUNBUFFERED=1
+if [ -n "${OUT:-}" ]; then
+  mkdir -p "$OUT"
+  exec > >(tee "$OUT/gpu_check.log") 2>&1
+fi
+START=$(date +%s)
+FAILED=()
+stage() { echo; echo "=== $1   [$(( $(date +%s) - START )) s]"; }
+run() {  # run LIMIT_SECONDS NAME COMMAND...: a failure or timeout is reported and the check goes on
+  local limit=$1 name=$2; shift 2
+  timeout --kill-after=10 "$limit" "$@"
+  local rc=$?
+  if [ $rc -ne 0 ]; then
+    [ $rc -eq 124 ] && echo "!!! $name: stopped after its limit of $limit s" || echo "!!! $name: exit code $rc"
+    FAILED+=("$name")
+  fi
+}
+
+stage "versions"
+$PY - <<'PYEOF'
+import os, sys
+import torch, torchvision
+print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+      f"torchvision {torchvision.__version__}")
+for name in ("open_clip", "timm", "numpy", "pytest"):
+    try:
+        print(f"{name} {getattr(__import__(name), '__version__', '?')}")
+    except Exception as e:
+        print(f"{name}: NOT IMPORTABLE ({e})")
+print("GPU:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none", f"| CPU cores: {os.cpu_count()}")
+PYEOF
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || echo "(no nvidia-smi)"
+if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "!!! no CUDA GPU visible to torch: nothing to check"
+  exit 1
+fi
+
+stage "1/4 CUDA-marked tests"
+run 150 "cuda tests" $PY -m pytest -q -m cuda tests -p no:cacheprovider -rs
+
+stage "2/4 30 steps of the demo pre-training on CUDA"
+TMP=$(mktemp -d)
+run 90 "demo pre-training" $PY pretrain.py config/pretrain_demo.py --device=cuda --max_steps=30 \
+  --demo_data="$TMP/demo" --data_dir="$TMP/demo/train" --out_dir="$TMP/pretrain" --log_interval=5
+[ -f "$TMP/pretrain/log.jsonl" ] && { echo "log.jsonl (one line per epoch):"; cat "$TMP/pretrain/log.jsonl"; }
+
+stage "3/4 bench.py: ViT-B/16 student, random ViT-B/16 CLIP teacher, 224 px, batch 128, bf16, compiled"
+run 180 "bench step+loss" $PY bench.py --parts=step,loss --model=base --batch_size=128 --compile \
+  --device=cuda --warmup=3 --iters=10
+
+stage "4/4 bench.py: our ViT-B/16 vs timm's BEiT, forward + backward, batch 128, bf16, eager"
+run 45 "bench vit" $PY bench.py --parts=vit --model=base --batch_size=128 --device=cuda --warmup=3 --iters=10
+
+rm -rf "$TMP"
+stage "done"
+if [ ${#FAILED[@]} -eq 0 ]; then
+  echo "GPU CHECK PASSED in $(( $(date +%s) - START )) s"
+else
+  echo "GPU CHECK FAILED in $(( $(date +%s) - START )) s: ${FAILED[*]}"
+  exit 1
+fi
