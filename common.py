@@ -29,6 +29,8 @@ class Dist:
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if device == "auto":
             device = f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
+        if device == "cuda":  # a bare 'cuda' means this process's own GPU (set_device needs an index)
+            device = f"cuda:{self.local_rank}"
         self.device = torch.device(device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
