@@ -595,7 +595,9 @@ def main(config: dict):
                     if dist_.is_main:
                         common.log_json(os.path.join(out_dir, "log.jsonl"), {
                             "iter": step, "loss": mean_loss, "aux_loss": mean_aux, "lr": lr_now,
-                            "images_per_s": images_seen / (time.time() - t0), "time": time.time()})
+                            "images_per_s": images_seen / (time.time() - t0), "time": time.time(),
+                            **({"max_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+                               if dist_.device.type == "cuda" else {})})
                     dist_.print(f"iteration {step}/{iters}: loss {mean_loss:.4f}, lr {lr_now:.2e}, "
                                 f"{images_seen / (time.time() - t0):.1f} img/s")
                     sums.zero_()

@@ -318,3 +318,11 @@ def test_demo_trains_evaluates_resumes_and_evaluates_on_2_processes(odd_demo, pr
     for key in ("mIoU", "mAcc", "aAcc"):
         assert dist_evals[0][key] == pytest.approx(evals[0][key], abs=1e-9), key
     np.testing.assert_allclose(dist_evals[0]["IoU"], evals[0]["IoU"], atol=1e-9)
+
+
+@pytest.mark.cuda
+def test_demo_on_gpu_with_bf16_and_compile(demo_root, tmp_path):
+    run_script(seg_args(os.path.join(demo_root, "ADEChallengeData2016"), tmp_path, "--compile", "--device=cuda"))
+    losses, evals = read_log(tmp_path)
+    assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(list(losses.values())))
+    assert len(evals) == 1 and 0 <= evals[0]["mIoU"] <= 100
