@@ -563,6 +563,7 @@ def main(config: dict):
     sums = torch.zeros(3, device=dist_.device)  # total loss, aux loss, micro-batches since the last log line
     t0, images_seen = time.time(), 0
     segmenter.train()
+    bar = common.progress(None, dist_, total=last, initial=step, desc="train", unit="it")
     try:
         while step < last:
             epoch, done = divmod(step, steps_per_epoch)
@@ -590,6 +591,7 @@ def main(config: dict):
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                bar.update(1)
                 if step % log_interval == 0 or step == last:
                     mean_loss, mean_aux = check_finite(sums, dist_, step)
                     if dist_.is_main:
@@ -598,8 +600,8 @@ def main(config: dict):
                             "images_per_s": images_seen / (time.time() - t0), "time": time.time(),
                             **({"max_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
                                if dist_.device.type == "cuda" else {})})
-                    dist_.print(f"iteration {step}/{iters}: loss {mean_loss:.4f}, lr {lr_now:.2e}, "
-                                f"{images_seen / (time.time() - t0):.1f} img/s")
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_now:.2e}",
+                                    img_s=f"{images_seen / (time.time() - t0):.1f}", refresh=False)
                     sums.zero_()
                     t0, images_seen = time.time(), 0
                 if step % eval_interval == 0 or step == iters:
@@ -613,6 +615,7 @@ def main(config: dict):
         checkpoint()  # complete iterations only: the partial accumulation is dropped
         raise SystemExit(130)
     finally:
+        bar.close()
         dist_.close()
     if result is not None and dist_.is_main:
         print(format_table(result), flush=True)
