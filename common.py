@@ -7,6 +7,8 @@ import json
 import math
 import os
 import random
+import signal
+import time
 import warnings
 
 import numpy as np
@@ -232,6 +234,93 @@ def skip_batches(loader, batches: int):
     return torch.utils.data.DataLoader(
         loader.dataset, batch_size=loader.batch_size, sampler=indices, num_workers=loader.num_workers,
         pin_memory=loader.pin_memory, drop_last=loader.drop_last, generator=loader.generator)
+
+
+# -------------------------------------------------------------------------------------------- training loop
+class Stop(Exception):
+    """Raised on SIGTERM (torchrun's way of stopping workers) so that a run can checkpoint on its way out."""
+
+
+def _raise_stop(*_):
+    raise Stop()
+
+
+def mean_or_stop(sums: torch.Tensor, dist_: Dist, step: int, out_dir: str) -> float:
+    """The mean loss (sums = [loss sum, count]) over all ranks; stop the run, without saving, if not finite."""
+    total = dist_.all_reduce(sums.clone())
+    mean = (total[0] / total[1].clamp(min=1)).item()
+    if not math.isfinite(mean):
+        dist_.close()
+        raise SystemExit(f"non-finite loss ({mean}) at step {step}: stopping; the last good checkpoint in "
+                         f"{out_dir} is left as it was. Try a lower lr or grad_clip.")
+    return mean
+
+
+def train(dist_: Dist, model, optimizer, loader, loss_of, *, step: int, total_steps: int, accum: int, lr_at,
+          save, out_dir: str, seed: int = 0, max_steps: int = 0, grad_clip: float = 0.0, params=None,
+          log_interval: int = 10, on_step=None, on_epoch=None) -> int:
+    """The training loop every stage shares; returns the step it stopped at.
+
+    Position is the optimizer step alone: epoch = step // steps_per_epoch, and a resumed epoch skips the
+    batches it already did. Each epoch's shuffling and augmentation are a function of (seed, epoch), so a
+    resumed run repeats an uninterrupted one. `loss_of(batch, step, micro)` returns one micro-batch's loss;
+    gradients of `accum` micro-batches add up (DDP all-reduces only on the last one); `lr_at(step)` gives
+    (lr, weight decay or None); `save(step)` checkpoints (called on SIGTERM/Ctrl-C too, then exit 130);
+    `on_step(step, mean_loss_or_None)` runs after every optimizer step (mean loss at log steps);
+    `on_epoch(epoch, step, mean_loss, images_per_s)` runs at every epoch end."""
+    steps_per_epoch = len(loader) // accum
+    last = min(total_steps, max_steps) if max_steps else total_steps
+    params = list(params if params is not None else model.parameters())
+    signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        while step < last:
+            epoch, done = divmod(step, steps_per_epoch)
+            start_epoch(loader, epoch, seed)
+            if done == 0:  # augmentation, masking, drop-path randomness: a function of (seed, rank, epoch)
+                seed_everything(seed + 1000 * epoch + dist_.rank)
+            model.train()
+            bar = progress(skip_batches(loader, done * accum), dist_, desc=f"epoch {epoch}", unit="step",
+                           total=steps_per_epoch - done)
+            epoch_sums, sums = torch.zeros(2, device=dist_.device), torch.zeros(2, device=dist_.device)
+            t0, images = time.time(), 0
+            for micro, batch in enumerate(bar.iterable, start=done * accum):
+                batch = [t.to(dist_.device, non_blocking=True) for t in batch]
+                last_micro = (micro + 1) % accum == 0
+                no_sync = model.no_sync() if dist_.world_size > 1 and not last_micro else contextlib.nullcontext()
+                with no_sync, dist_.autocast():
+                    loss = loss_of(batch, step, micro)
+                    (loss / accum).backward()
+                sums += torch.stack([loss.detach().float(), torch.ones((), device=dist_.device)])
+                images += batch[0].shape[0] * dist_.world_size
+                if not last_micro:
+                    continue
+                lr, weight_decay = lr_at(step)
+                set_lr(optimizer, lr, weight_decay)
+                if grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                bar.update()
+                mean = None
+                if step % log_interval == 0 or step == last:
+                    mean = mean_or_stop(sums, dist_, step, out_dir)  # syncs: only every log_interval steps
+                    bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}", img_s=f"{images / (time.time() - t0):.0f}")
+                    epoch_sums += sums
+                    sums.zero_()
+                if on_step:
+                    on_step(step, mean)
+                if step >= last or micro + 1 >= steps_per_epoch * accum:
+                    break  # an incomplete accumulation at the epoch end is dropped
+            bar.close()
+            epoch_mean = mean_or_stop(epoch_sums + sums, dist_, step, out_dir)
+            if on_epoch and (step % steps_per_epoch == 0 or step >= last):
+                on_epoch(epoch, step, epoch_mean, images / (time.time() - t0))
+    except (KeyboardInterrupt, Stop):
+        dist_.print(f"interrupted: saving a checkpoint in {out_dir} at step {step}")
+        save(step)  # complete optimizer steps only: a partial accumulation is dropped
+        raise SystemExit(130)
+    return step
 
 
 # ------------------------------------------------------------------------------------------------- progress

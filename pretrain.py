@@ -7,17 +7,14 @@ block-masked image, with the Dynamic Token Morphing loss (morph.py).
 Every setting below can be changed by a config file or --key=value (configurator.py). A run whose out_dir
 already holds ckpt.pt resumes from it.
 """
-import contextlib
 import math
 import os
 import random
-import signal
 import time
 import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.transforms import v2
 
@@ -214,10 +211,6 @@ def model_args(out_dim: int) -> dict:
                 shared_rel_pos=True, block_rel_pos=True, mask_token=True, out_dim=out_dim)
 
 
-class Stop(Exception):
-    """Raised by SIGTERM (torchrun's way of stopping workers) so the run can checkpoint on exit."""
-
-
 def main(config: dict):
     dist_ = common.Dist(device)
     common.seed_everything(seed + dist_.rank)
@@ -253,7 +246,7 @@ def main(config: dict):
     optimizer = common.adamw(common.param_groups(student, weight_decay), base_lr, betas, eps, dist_.device)
 
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    step, first_epoch, batches_done = 0, 0, 0
+    step = 0
     if os.path.isfile(ckpt_path):
         ckpt = common.load_checkpoint(ckpt_path)
         if ckpt.get("model_args") != args:
@@ -261,9 +254,9 @@ def main(config: dict):
                              f"choose a new out_dir to start a new run")
         student.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        step, first_epoch, batches_done = ckpt["step"], ckpt["epoch"], ckpt["batches_done"]
+        step = ckpt["step"]
         common.set_rng_states(ckpt["rng"])
-        dist_.print(f"resuming from {ckpt_path}: epoch {first_epoch}, step {step}")
+        dist_.print(f"resuming from {ckpt_path} at step {step}")
     elif dist_.is_main:
         os.makedirs(out_dir, exist_ok=True)
 
@@ -272,92 +265,43 @@ def main(config: dict):
         model = DDP(model, device_ids=[dist_.device.index] if dist_.device.type == "cuda" else None)
     model = torch.compile(model) if compile else model  # compiling DDP lets it split graphs at its buckets
     loss_fn = torch.compile(dtm_loss) if compile else dtm_loss
+    rng = random.Random()
 
-    def checkpoint(epoch, batches):
-        if dist_.is_main:
-            common.save_checkpoint({"model": student.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "step": step, "epoch": epoch, "batches_done": batches, "config": config,
-                                    "model_args": args, "rng": common.rng_states()}, ckpt_path)
-
-    def on_sigterm(*_):
-        raise Stop()
-    signal.signal(signal.SIGTERM, on_sigterm)
+    def loss_of(batch, step, micro):
+        images, masks = batch
+        rng.seed(f"{seed}-{dist_.rank}-{step}-{micro % accum}")  # schedules per GPU, a function of the position
+        schedules = [sample_schedule(n_max, k_max, rng) for _ in range(num_schedules)] if dtm else []
+        with torch.no_grad():
+            targets = teacher_net(images).float()
+        pred = model(normalize(images, common.IMAGENET_MEAN, common.IMAGENET_STD), masks)
+        return loss_fn(pred, targets, schedules, loss, beta)
 
     total_steps = epochs * steps_per_epoch
-    last_step = min(total_steps, max_steps) if max_steps else total_steps
-    rng = random.Random(f"{seed}-{dist_.rank}")  # schedules differ per rank, as in the official release
-    epoch, micro = first_epoch, 0
-    try:
-        for epoch in range(first_epoch, epochs):
-            if step >= last_step:
-                break
-            common.start_epoch(loader, epoch, seed)
-            batches = common.skip_batches(loader, batches_done)
-            model.train()
-            bar = common.progress(batches, dist_, total=steps_per_epoch * accum - batches_done,
-                                  desc=f"epoch {epoch}", unit="batch")
-            micro = batches_done
-            loss_sum = torch.zeros(2, device=dist_.device)  # sum of losses, number of micro-batches
-            t0, images_seen = time.time(), 0
-            for micro, (images, masks) in enumerate(bar, start=batches_done):
-                if micro >= steps_per_epoch * accum:
-                    break  # drop the incomplete accumulation at the epoch end
-                images, masks = images.to(dist_.device, non_blocking=True), masks.to(dist_.device, non_blocking=True)
-                rng.seed(f"{seed}-{dist_.rank}-{step}-{micro % accum}")  # a function of the position: resumable
-                schedules = [sample_schedule(n_max, k_max, rng) for _ in range(num_schedules)] if dtm else []
-                with torch.no_grad(), dist_.autocast():
-                    targets = teacher_net(images).float()
-                last_micro = (micro + 1) % accum == 0
-                no_sync = model.no_sync() if dist_.world_size > 1 and not last_micro else contextlib.nullcontext()
-                with no_sync, dist_.autocast():  # gradients are all-reduced once, on the last micro-batch
-                    pred = model(normalize(images, common.IMAGENET_MEAN, common.IMAGENET_STD), masks)
-                    loss_value = loss_fn(pred, targets, schedules, loss, beta)
-                    (loss_value / accum).backward()
-                loss_sum += torch.stack([loss_value.detach(), torch.ones((), device=dist_.device)])
-                images_seen += images.shape[0] * dist_.world_size
-                if not last_micro:
-                    continue
-                lr_now = common.cosine_schedule(step, total_steps, warmup_epochs * steps_per_epoch, base_lr, min_lr)
-                wd_now = common.cosine_schedule(step, total_steps, 0, weight_decay, weight_decay_end)
-                common.set_lr(optimizer, lr_now, wd_now)
-                if grad_clip:
-                    torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                if step % log_interval == 0 or step == last_step:
-                    mean_loss = check_finite(loss_sum, dist_, step)
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_now:.2e}",
-                                    img_s=f"{images_seen / (time.time() - t0):.0f}")
-                if step >= last_step:
-                    break
-            mean_loss = check_finite(loss_sum, dist_, step)
-            done = micro + 1 >= steps_per_epoch * accum
-            batches_done = 0
-            checkpoint(epoch + 1 if done else epoch, 0 if done else (micro + 1))
-            if dist_.is_main:
-                common.log_json(os.path.join(out_dir, "log.jsonl"), {
-                    "epoch": epoch, "step": step, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
-                    "images_per_s": images_seen / (time.time() - t0), "time": time.time()})
-            dist_.print(f"epoch {epoch}: loss {mean_loss:.4f}, step {step}/{total_steps}")
-    except (KeyboardInterrupt, Stop):
-        dist_.print(f"interrupted: saving {ckpt_path} at step {step}")
-        checkpoint(epoch, (micro // accum) * accum)  # complete optimizer steps only
-        raise SystemExit(130)
+    warmup_steps = warmup_epochs * steps_per_epoch
+
+    def lr_at(step):
+        return (common.cosine_schedule(step, total_steps, warmup_steps, base_lr, min_lr),
+                common.cosine_schedule(step, total_steps, 0, weight_decay, weight_decay_end))
+
+    def save(step):
+        if dist_.is_main:
+            common.save_checkpoint({"model": student.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                                    "config": config, "model_args": args, "rng": common.rng_states()}, ckpt_path)
+
+    def end_of_epoch(epoch, step, mean_loss, images_per_s):
+        save(step)
+        if dist_.is_main:
+            common.log_json(os.path.join(out_dir, "log.jsonl"), {
+                "epoch": epoch, "step": step, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
+                "images_per_s": images_per_s, "time": time.time()})
+        dist_.print(f"epoch {epoch}: loss {mean_loss:.4f}, step {step}/{total_steps}")
+
+    common.train(dist_, model, optimizer, loader, loss_of, step=step, total_steps=total_steps, accum=accum,
+                 lr_at=lr_at, save=save, out_dir=out_dir, seed=seed, max_steps=max_steps, grad_clip=grad_clip,
+                 params=student.parameters(), log_interval=log_interval, on_epoch=end_of_epoch)
     if dist_.world_size > 1:  # DDP keeps replicas identical; print a fingerprint so that is easy to check
         print(f"rank {dist_.rank}: weights sha256 {common.weights_digest(student.state_dict())}", flush=True)
     dist_.close()
-
-
-def check_finite(loss_sum: torch.Tensor, dist_: common.Dist, step: int) -> float:
-    """The mean loss so far this epoch over all ranks; stop the run, without saving, if it is not finite."""
-    total = dist_.all_reduce(loss_sum.clone())
-    mean = (total[0] / total[1].clamp(min=1)).item()
-    if not math.isfinite(mean):
-        dist_.close()
-        raise SystemExit(f"non-finite loss ({mean}) at step {step}: stopping; the last good checkpoint in "
-                         f"{out_dir} is left as it was. Try a lower lr or grad_clip.")
-    return mean
 
 
 if __name__ == "__main__":
