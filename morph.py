@@ -73,9 +73,10 @@ def _match(gram: torch.Tensor, schedule: list[int]) -> torch.Tensor:
         norm = g.diagonal(dim1=0, dim2=2).clamp(min=0).sqrt().clamp(min=1e-12)  # [B, N], as F.normalize
         dots = rows.index_select(0, (key_a * B + batch).flatten()).view(B, n_a, N).gather(
             2, key_b[:, None].expand(-1, n_a, -1))
-        cos = dots / (norm.gather(1, key_a)[..., None] * norm.gather(1, key_b)[:, None])
-        partner = cos.argmax(dim=-1)  # [B, |A|] (argmax, not max(dim): that stalls on busy CPUs)
-        best = cos.gather(2, partner[..., None])[..., 0]
+        # cos = dots / (|a| |b|); a row's best partner does not depend on |a|, so divide by it afterwards.
+        dots.div_(norm.gather(1, key_b)[:, None])
+        partner = dots.argmax(dim=-1)  # [B, |A|] (argmax, not max(dim): that stalls on busy CPUs)
+        best = dots.gather(2, partner[..., None])[..., 0] / norm.gather(1, key_a)
         by_score = best.argsort(dim=-1, descending=True, stable=True)
         merged, kept = by_score[:, :r], by_score[:, r:].sort(dim=-1).values
         n_kept = n_a - r
