@@ -224,6 +224,8 @@ def start_epoch(loader, epoch: int, seed: int):
     elif isinstance(loader.sampler, torch.utils.data.RandomSampler):
         loader.sampler.generator.manual_seed(seed + epoch)
     loader.generator.manual_seed(seed * 1000 + epoch)  # seeds the workers' augmentation RNGs
+    if hasattr(loader.dataset, "set_epoch"):  # datasets that seed each sample's augmentation themselves
+        loader.dataset.set_epoch(epoch)
 
 
 def skip_batches(loader, batches: int):

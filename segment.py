@@ -9,10 +9,7 @@ BEiT v2's ADE20K recipe, in plain PyTorch (no mmcv/mmseg).
 Every setting below can be changed by a config file or --key=value (configurator.py). A run whose out_dir
 already holds ckpt.pt resumes from it, at the iteration where it stopped.
 """
-import contextlib
-import math
 import os
-import signal
 import time
 
 import numpy as np
@@ -468,10 +465,6 @@ def format_table(result: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------- main
-class Stop(Exception):
-    """Raised by SIGTERM (torchrun's way of stopping workers) so the run can checkpoint on exit."""
-
-
 def main(config: dict):
     dist_ = common.Dist(device)
     common.seed_everything(seed + dist_.rank)
@@ -529,19 +522,31 @@ def main(config: dict):
     elif dist_.is_main:
         os.makedirs(out_dir, exist_ok=True)
 
-    net = torch.compile(segmenter) if compile else segmenter
+    net = segmenter
     if dist_.world_size > 1:
         net = DDP(net, device_ids=[dist_.device.index] if dist_.device.type == "cuda" else None)
+    net = torch.compile(net) if compile else net
+    result = None
+    aux_sum = torch.zeros((), device=dist_.device)  # auxiliary loss since the last log line
+    t0 = time.time()
 
-    def checkpoint():
+    def loss_of(batch, step, micro):
+        nonlocal aux_sum
+        images, labels = batch
+        logits, aux_logits = net(images, with_aux=True)
+        loss, _, aux = seg_loss(logits, aux_logits, labels, aux_weight)
+        aux_sum = aux_sum + aux.detach()
+        return loss
+
+    def save(step):
         if dist_.is_main:
             common.save_checkpoint({"model": segmenter.state_dict(), "optimizer": optimizer.state_dict(),
                                     "step": step, "best_miou": best_miou, "config": config,
                                     "backbone_args": backbone_args, "head_args": head_args,
                                     "rng": common.rng_states()}, ckpt_path)
 
-    def run_eval():
-        nonlocal best_miou
+    def run_eval(step):
+        nonlocal best_miou, result
         result = evaluate(segmenter, val_set, dist_, num_classes)
         segmenter.train()
         dist_.print(f"iteration {step}: mIoU {result['mIoU']:.2f}, mAcc {result['mAcc']:.2f}, aAcc {result['aAcc']:.2f}")
@@ -552,70 +557,33 @@ def main(config: dict):
                                         "config": config, "backbone_args": backbone_args,
                                         "head_args": head_args}, best_path)
         best_miou = max(best_miou, result["mIoU"])
-        return result
 
-    def on_sigterm(*_):
-        raise Stop()
-    signal.signal(signal.SIGTERM, on_sigterm)
+    def after_step(step, mean_loss):
+        nonlocal aux_sum, t0
+        if mean_loss is not None and dist_.is_main:  # a log step: the loss is already all-reduced
+            micro_batches = log_interval * accum
+            common.log_json(os.path.join(out_dir, "log.jsonl"), {
+                "iter": step, "loss": mean_loss, "aux_loss": aux_sum.item() / micro_batches,
+                "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0),
+                "images_per_s": micro_batches * micro_batch_size * dist_.world_size / (time.time() - t0),
+                "time": time.time(),
+                **({"max_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+                   if dist_.device.type == "cuda" else {})})
+        if mean_loss is not None:
+            aux_sum, t0 = torch.zeros_like(aux_sum), time.time()
+        if step % eval_interval == 0 or step == iters:
+            run_eval(step)
+        if step % ckpt_interval == 0 or step % eval_interval == 0 or step == last:
+            save(step)
 
     last = min(iters, max_iters) if max_iters else iters
-    result = None
-    sums = torch.zeros(3, device=dist_.device)  # total loss, aux loss, micro-batches since the last log line
-    t0, images_seen = time.time(), 0
     segmenter.train()
-    bar = common.progress(None, dist_, total=last, initial=step, desc="train", unit="it")
     try:
-        while step < last:
-            epoch, done = divmod(step, steps_per_epoch)
-            train_set.set_epoch(epoch)
-            common.start_epoch(loader, epoch, seed)
-            batches = common.skip_batches(loader, done * accum)
-            for micro, (images, labels) in enumerate(batches, start=done * accum):
-                if micro >= steps_per_epoch * accum:
-                    break  # drop the incomplete accumulation at the epoch end
-                images, labels = images.to(dist_.device, non_blocking=True), labels.to(dist_.device, non_blocking=True)
-                last_micro = (micro + 1) % accum == 0
-                no_sync = net.no_sync() if dist_.world_size > 1 and not last_micro else contextlib.nullcontext()
-                with no_sync, dist_.autocast():  # gradients are all-reduced once, on the last micro-batch
-                    logits, aux_logits = net(images, with_aux=True)
-                    loss, _, aux = seg_loss(logits, aux_logits, labels, aux_weight)
-                    (loss / accum).backward()
-                sums += torch.stack([loss.detach(), aux.detach(), torch.ones((), device=dist_.device)])
-                images_seen += images.shape[0] * dist_.world_size
-                if not last_micro:
-                    continue
-                lr_now = poly_lr(step, iters, warmup_iters, lr, power, min_lr)
-                common.set_lr(optimizer, lr_now)
-                if grad_clip:
-                    torch.nn.utils.clip_grad_norm_(segmenter.parameters(), grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                bar.update(1)
-                if step % log_interval == 0 or step == last:
-                    mean_loss, mean_aux = check_finite(sums, dist_, step)
-                    if dist_.is_main:
-                        common.log_json(os.path.join(out_dir, "log.jsonl"), {
-                            "iter": step, "loss": mean_loss, "aux_loss": mean_aux, "lr": lr_now,
-                            "images_per_s": images_seen / (time.time() - t0), "time": time.time(),
-                            **({"max_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
-                               if dist_.device.type == "cuda" else {})})
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_now:.2e}",
-                                    img_s=f"{images_seen / (time.time() - t0):.1f}", refresh=False)
-                    sums.zero_()
-                    t0, images_seen = time.time(), 0
-                if step % eval_interval == 0 or step == iters:
-                    result = run_eval()
-                if step % ckpt_interval == 0 or step % eval_interval == 0 or step == last:
-                    checkpoint()
-                if step >= last:
-                    break
-    except (KeyboardInterrupt, Stop):
-        dist_.print(f"interrupted: saving {ckpt_path} at iteration {step}")
-        checkpoint()  # complete iterations only: the partial accumulation is dropped
-        raise SystemExit(130)
+        common.train(dist_, net, optimizer, loader, loss_of, step=step, total_steps=iters, accum=accum,
+                     lr_at=lambda step: (poly_lr(step, iters, warmup_iters, lr, power, min_lr), None), save=save,
+                     out_dir=out_dir, seed=seed, max_steps=max_iters, grad_clip=grad_clip,
+                     params=segmenter.parameters(), log_interval=log_interval, on_step=after_step)
     finally:
-        bar.close()
         dist_.close()
     if result is not None and dist_.is_main:
         print(format_table(result), flush=True)
@@ -632,17 +600,6 @@ def build_from(ckpt: dict, dist_: common.Dist):
     net = UperNetSegmenter(VisionTransformer(**args), **head)
     net.load_state_dict(ckpt["model"])
     return net, args, head
-
-
-def check_finite(sums: torch.Tensor, dist_: common.Dist, step: int) -> tuple[float, float]:
-    """Mean losses since the last log line over all ranks; stop the run, without saving, if not finite."""
-    total = dist_.all_reduce(sums.clone())
-    mean, aux = (total[0] / total[2].clamp(min=1)).item(), (total[1] / total[2].clamp(min=1)).item()
-    if not math.isfinite(mean):
-        dist_.close()
-        raise SystemExit(f"non-finite loss ({mean}) at iteration {step}: stopping; the last good checkpoint in "
-                         f"{out_dir} is left as it was. Try a lower lr or grad_clip.")
-    return mean, aux
 
 
 if __name__ == "__main__":
