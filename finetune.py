@@ -1,0 +1,425 @@
+"""Fine-tuning and linear probing of DTM checkpoints on an image classification set (ImageNet-1K).
+
+    python finetune.py config/finetune_demo.py                                     # offline demo, CPU, minutes
+    torchrun --nproc_per_node=8 finetune.py config/finetune_vitb_in1k.py --init_from=out/pretrain/ckpt.pt
+    torchrun --nproc_per_node=8 finetune.py config/finetune_vitb_in1k.py --linear_probe --init_from=...
+    python finetune.py --eval_only --init_from=out/finetune/best.pt --data_dir=/data/imagenet
+
+Every setting below can be changed by a config file or --key=value (configurator.py). A run whose out_dir
+already holds ckpt.pt resumes from it; best.pt keeps the epoch with the best val top-1.
+
+The training and evaluation loop (`fit`) takes its settings as an argument, not from this module's globals,
+so that eval_transfer.py can run it on other datasets.
+"""
+import os
+import time
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torchvision.transforms import v2
+
+import common
+from configurator import configure, settings_of
+from model import SIZES, VisionTransformer, load_backbone
+
+# ------------------------------------------------------------------------------------------------- settings
+# Defaults: BEiT v2's ViT-B/16 ImageNet-1K fine-tuning recipe for 300-epoch pre-training, which the DTM
+# release follows (config/finetune_vitb_in1k.py repeats them and says where each comes from).
+# I/O
+out_dir = "out/finetune"
+data_dir = "data/imagenet"  # ImageFolders <data_dir>/<train_split>/<class>/*.jpg and <data_dir>/<val_split>/...
+train_split = "train"
+val_split = "val"
+demo_data = ""  # if set: generate the offline demo dataset in this folder first (data_dir should be it)
+init_from = ""  # a pre-training or fine-tuned checkpoint of this project; '' = random init (baselines)
+eval_only = False  # evaluate init_from (or out_dir/best.pt) on the val split and exit
+# model: must match init_from (a checkpoint of another size is refused)
+model = "base"  # tiny, small, base, large
+img_size = 224
+patch_size = 16
+depth = 0  # 0: the size's own depth
+layer_scale = 0.0  # LayerScale init for random init; 0: the size's own. Loaded checkpoints bring their own.
+abs_pos = False
+drop_path = 0.1
+init_scale = 0.001  # the new head's trunc-normal(0.02) weights are scaled by this (BEiT)
+# augmentation (timm/BEiT names in brackets)
+crop_scale = (0.08, 1.0)  # RandomResizedCrop scale
+randaug_ops = 2  # RandAugment number of ops [rand-m9-n2]; 0: off
+randaug_magnitude = 9
+erase_prob = 0.25  # RandomErasing probability [reprob]
+mixup = 0.8  # MixUp alpha; 0: off
+cutmix = 1.0  # CutMix alpha; 0: off
+mixup_switch_prob = 0.5  # probability of CutMix rather than MixUp when both are on
+smoothing = 0.1  # label smoothing
+crop_pct = 0.875  # eval: Resize(img_size / crop_pct), CenterCrop(img_size): 256 -> 224
+# optimisation (fine-tuning)
+epochs = 100
+warmup_epochs = 20
+batch_size = 1024  # total over all GPUs and accumulation steps
+micro_batch_size = 128  # per GPU and forward pass; accumulation makes up the rest
+lr = 5e-4  # at batch 1024; scaled linearly with batch_size
+min_lr = 1e-6
+weight_decay = 0.05
+layer_decay = 0.65
+betas = (0.9, 0.999)
+eps = 1e-8
+grad_clip = 0.0  # 0: off
+# linear probing (MAE's protocol): frozen backbone, mean-pooled patch tokens of one block, BatchNorm, Linear
+linear_probe = False
+probe_block = -1  # which block's output to pool; -1: the last
+probe_epochs = 90
+probe_warmup_epochs = 10
+probe_lr = 0.1  # at batch 256; scaled linearly with batch_size; SGD with momentum 0.9
+probe_weight_decay = 0.0
+# system
+seed = 0
+workers = 10
+device = "auto"  # auto, cpu, cuda, cuda:1
+compile = False
+max_steps = 0  # stop after this many optimizer steps (0: run all epochs); for smoke tests and benchmarks
+log_interval = 10  # optimizer steps between progress-bar updates (each costs a GPU sync)
+
+MEAN_FILL = tuple(round(255 * m) for m in common.IMAGENET_MEAN)  # RandAugment fills with the mean colour
+
+
+def settings(**overrides) -> SimpleNamespace:
+    """This script's default settings with `overrides` applied: the `cfg` that fit() takes (eval_transfer.py
+    and the tests build theirs with it)."""
+    defaults = settings_of(globals())
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown finetune.py settings: {', '.join(unknown)}")
+    return SimpleNamespace(**{**defaults, **overrides})
+
+
+# --------------------------------------------------------------------------------------------------- data
+def train_transform(cfg):
+    """uint8 PIL image -> normalised float tensor. Fine-tuning: BEiT/DeiT augmentation; linear probing:
+    crop and flip only (MAE)."""
+    ops = [v2.PILToTensor(),
+           v2.RandomResizedCrop(cfg.img_size, scale=tuple(cfg.crop_scale),
+                                interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+           v2.RandomHorizontalFlip()]
+    if cfg.randaug_ops and not cfg.linear_probe:
+        ops.append(v2.RandAugment(cfg.randaug_ops, cfg.randaug_magnitude,
+                                  interpolation=v2.InterpolationMode.BILINEAR, fill=list(MEAN_FILL)))
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)]
+    if cfg.erase_prob and not cfg.linear_probe:  # on the normalised image, per-pixel N(0, 1) noise (timm 'pixel')
+        ops.append(v2.RandomErasing(cfg.erase_prob, value="random"))
+    return v2.Compose(ops)
+
+
+def eval_transform(cfg):
+    return v2.Compose([
+        v2.PILToTensor(),
+        v2.Resize(int(cfg.img_size / cfg.crop_pct), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.CenterCrop(cfg.img_size),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD),
+    ])
+
+
+class Transformed(torch.utils.data.Dataset):
+    """(image, label) pairs of any dataset with a transform applied to the image."""
+
+    def __init__(self, data, transform):
+        self.data, self.transform = data, transform
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        image, label = self.data[i]
+        return self.transform(image), label
+
+
+def image_folders(root: str, train: str, val: str):
+    """ImageNet's layout: root/train/<class>/*.jpg and root/val/<class>/*.jpg, with the same classes."""
+    if not os.path.isdir(root):
+        raise SystemExit(f"data_dir {root!r} does not exist; expected {root}/{train}/<class>/<image>.jpg and "
+                         f"{root}/{val}/<class>/<image>.jpg (ImageNet's layout after the usual val/ reorganisation)")
+    try:
+        train_set = common.ImageFolder(os.path.join(root, train))
+        val_set = common.ImageFolder(os.path.join(root, val))
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
+    if train_set.classes != val_set.classes:
+        only_val = sorted(set(val_set.classes) - set(train_set.classes))
+        only_train = sorted(set(train_set.classes) - set(val_set.classes))
+        raise SystemExit(f"the classes of {val_set.root} differ from those of {train_set.root}: "
+                         f"only in {val}/: {only_val[:10] or 'none'}{' ...' if len(only_val) > 10 else ''}; "
+                         f"only in {train}/: {only_train[:10] or 'none'}{' ...' if len(only_train) > 10 else ''}")
+    return train_set, val_set, train_set.classes
+
+
+# -------------------------------------------------------------------------------------------- loss, mixing
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross entropy against a distribution per sample (mixed and smoothed labels), averaged over the batch."""
+    return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+def make_targets(cfg, num_classes: int):
+    """(images, int labels) -> (images, soft targets): MixUp or CutMix per batch (if on), then label smoothing.
+    Smoothing after mixing equals timm's smoothing before mixing: both give (1 - s) * mixed + s / K."""
+    mixes = []
+    if cfg.mixup > 0:
+        mixes.append(v2.MixUp(alpha=cfg.mixup, num_classes=num_classes))
+    if cfg.cutmix > 0:
+        mixes.append(v2.CutMix(alpha=cfg.cutmix, num_classes=num_classes))
+    if cfg.linear_probe:
+        mixes = []
+    mix = None
+    if len(mixes) == 2:
+        mix = v2.RandomChoice(mixes, p=[1 - cfg.mixup_switch_prob, cfg.mixup_switch_prob])
+    elif mixes:
+        mix = mixes[0]
+    smoothing = 0.0 if cfg.linear_probe else cfg.smoothing
+
+    def apply(images, labels):
+        if mix is not None:
+            images, targets = mix(images, labels)
+        else:
+            targets = F.one_hot(labels, num_classes).float()
+        return images, targets * (1 - smoothing) + smoothing / num_classes
+    return apply
+
+
+# -------------------------------------------------------------------------------------------------- models
+class LinearProbe(nn.Module):
+    """A frozen backbone; mean of one block's patch tokens -> BatchNorm without affine parameters -> Linear."""
+
+    def __init__(self, backbone: VisionTransformer, block: int, num_classes: int):
+        super().__init__()
+        self.backbone = backbone.requires_grad_(False)
+        self.block = block % len(backbone.blocks)
+        self.bn = nn.BatchNorm1d(backbone.embed_dim, affine=False, eps=1e-6)
+        self.head = nn.Linear(backbone.embed_dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.01)  # MAE's linear-probe head init
+        nn.init.zeros_(self.head.bias)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.eval()  # frozen means frozen: no stochastic depth either
+        return self
+
+    def forward(self, x):
+        with torch.no_grad():
+            _, (tokens,) = self.backbone.forward_blocks(x, out_indices=(self.block,))
+        return self.head(self.bn(tokens.mean(dim=1).float()))
+
+
+def model_args(cfg, num_classes: int) -> dict:
+    """VisionTransformer arguments: the classifier, or for linear probing the backbone (no head)."""
+    if cfg.model not in SIZES:
+        raise SystemExit(f"model={cfg.model!r} is not one of {', '.join(SIZES)}")
+    size = dict(SIZES[cfg.model])
+    if cfg.depth:
+        size["depth"] = cfg.depth
+    if cfg.layer_scale:
+        size["layer_scale"] = cfg.layer_scale
+    return dict(size, img_size=cfg.img_size, patch_size=cfg.patch_size, abs_pos=cfg.abs_pos,
+                drop_path=0.0 if cfg.linear_probe else cfg.drop_path, shared_rel_pos=False, block_rel_pos=True,
+                mask_token=False, out_dim=0, num_classes=0 if cfg.linear_probe else num_classes)
+
+
+def build_model(args: dict, probe: dict | None, init_scale: float = 1.0) -> nn.Module:
+    """The classifier (its new head's weights scaled by init_scale, as BEiT) or a linear probe."""
+    net = VisionTransformer(**args)
+    if probe:
+        return LinearProbe(net, probe["block"], probe["num_classes"])
+    net.head.weight.data.mul_(init_scale)
+    return net
+
+
+def init_model(net: nn.Module, path: str, log=print):
+    """Load a pre-training or fine-tuned checkpoint of this project into the backbone (model.load_backbone:
+    drops the mask token and pre-training head, adds the shared position table to every block's own, resizes
+    the tables, refuses another model size)."""
+    ckpt = common.load_checkpoint(path)
+    backbone = net.backbone if isinstance(net, LinearProbe) else net
+    if "probe" in ckpt:  # a linear-probe checkpoint: its backbone is what we want
+        ckpt = dict(ckpt, model={k[len("backbone."):]: v for k, v in ckpt["model"].items()
+                                 if k.startswith("backbone.")})
+    try:
+        load_backbone(backbone, ckpt, log=log)
+    except ValueError as e:
+        raise SystemExit(f"init_from={path!r}: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, dist_: common.Dist) -> dict:
+    """Top-1, top-5 (%) and mean cross entropy over the whole val set. Each rank counts its own shard (no
+    padding duplicates, see common.data_loader) and the counts are summed over ranks."""
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(4, dtype=torch.float64, device=dist_.device)  # top-1 hits, top-5 hits, samples, loss
+    for images, labels in common.progress(loader, dist_, desc="eval", unit="batch", leave=False):
+        images, labels = images.to(dist_.device, non_blocking=True), labels.to(dist_.device, non_blocking=True)
+        with dist_.autocast():
+            logits = model(images)
+        logits = logits.float()
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+        counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), torch.tensor(len(labels), device=dist_.device),
+                               F.cross_entropy(logits, labels, reduction="sum")]).double()
+    dist_.all_reduce(counts)
+    model.train(was_training)
+    n = counts[2].item()
+    return {"top1": 100 * counts[0].item() / max(n, 1), "top5": 100 * counts[1].item() / max(n, 1),
+            "loss": counts[3].item() / max(n, 1), "samples": int(n)}
+
+
+# ----------------------------------------------------------------------------------------------------- fit
+def fit(cfg, train_data, val_data, classes: list, dist_: common.Dist) -> dict:
+    """Fine-tune (or linear-probe) on `train_data`, evaluating on `val_data` after every epoch; both yield
+    (PIL image, int label). The loop is common.train. Checkpoints go to cfg.out_dir (ckpt.pt: last, best.pt:
+    best val top-1) and a run whose out_dir holds ckpt.pt resumes from it. Returns the last evaluation, the
+    best top-1 and the number of epochs."""
+    probe_mode = cfg.linear_probe
+    epochs, warmup_epochs = (cfg.probe_epochs, cfg.probe_warmup_epochs) if probe_mode else (cfg.epochs,
+                                                                                            cfg.warmup_epochs)
+    accum = cfg.batch_size // (cfg.micro_batch_size * dist_.world_size)
+    if accum < 1 or accum * cfg.micro_batch_size * dist_.world_size != cfg.batch_size:
+        raise SystemExit(f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size="
+                         f"{cfg.micro_batch_size} x {dist_.world_size} processes")
+    num_classes = len(classes)
+    common.seed_everything(cfg.seed + dist_.rank)  # the new head's init, among others: runs repeat exactly
+
+    # Data.
+    train_set = Transformed(train_data, train_transform(cfg))
+    loader = common.data_loader(train_set, cfg.micro_batch_size, dist_, train=True, workers=cfg.workers,
+                                seed=cfg.seed)
+    val_loader = common.data_loader(Transformed(val_data, eval_transform(cfg)), cfg.micro_batch_size, dist_,
+                                    train=False, workers=cfg.workers)
+    steps_per_epoch = len(loader) // accum
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{len(train_set)} training images are fewer than one batch of {cfg.batch_size}")
+    targets_of = make_targets(cfg, num_classes)
+
+    # Model and optimizer; resume from out_dir, or initialise from init_from.
+    args = model_args(cfg, num_classes)
+    probe = {"block": cfg.probe_block, "num_classes": num_classes} if probe_mode else None
+    net = build_model(args, probe, cfg.init_scale).to(dist_.device)  # before the optimizer: states go beside weights
+    if probe_mode:
+        base_lr, final_lr = cfg.probe_lr * cfg.batch_size / 256, 0.0
+        optimizer = torch.optim.SGD(net.head.parameters(), lr=base_lr, momentum=0.9,
+                                    weight_decay=cfg.probe_weight_decay)
+    else:
+        base_lr, final_lr = cfg.lr * cfg.batch_size / 1024, cfg.min_lr
+        groups = common.param_groups(net, cfg.weight_decay, cfg.layer_decay, len(net.blocks))
+        optimizer = common.adamw(groups, base_lr, cfg.betas, cfg.eps, dist_.device)
+    ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
+    step, state = 0, {"best_top1": -1.0, "metrics": {}}
+    if os.path.isfile(ckpt_path):
+        ckpt = common.load_checkpoint(ckpt_path)
+        if ckpt.get("model_args") != args or ckpt.get("probe") != probe:
+            raise SystemExit(f"{ckpt_path} holds a run of another model or task ({ckpt.get('model_args')}, "
+                             f"probe {ckpt.get('probe')}); choose a new out_dir to start a new run")
+        net.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, state = ckpt["step"], {"best_top1": ckpt["best_top1"], "metrics": ckpt["metrics"]}
+        common.set_rng_states(ckpt["rng"])
+        dist_.print(f"resuming from {ckpt_path} at step {step}")
+    else:
+        if cfg.init_from:
+            init_model(net, cfg.init_from, log=dist_.print)
+        else:
+            dist_.print("init_from='': training from random initialisation")
+        if dist_.is_main:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+    total_steps = epochs * steps_per_epoch
+    if step >= total_steps:
+        dist_.print(f"{ckpt_path} has finished all {epochs} epochs; nothing to train")
+        return dict(state["metrics"], best_top1=state["best_top1"], epochs=epochs)
+
+    model = net
+    if dist_.world_size > 1:
+        model = DDP(model, device_ids=[dist_.device.index] if dist_.device.type == "cuda" else None)
+    model = torch.compile(model) if cfg.compile else model
+
+    def loss_of(batch, step, micro):
+        images, targets = targets_of(*batch)  # MixUp/CutMix per micro-batch, then label smoothing
+        return soft_cross_entropy(model(images), targets)
+
+    def lr_at(step):
+        return common.cosine_schedule(step, total_steps, warmup_epochs * steps_per_epoch, base_lr, final_lr), None
+
+    def save(step, path=ckpt_path):
+        if dist_.is_main:
+            common.save_checkpoint({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                                    "epoch": step // steps_per_epoch, "config": vars(cfg).copy(), "model_args": args, "probe": probe,
+                                    "classes": list(classes), **state, "rng": common.rng_states()}, path)
+
+    def end_of_epoch(epoch, step, mean_loss, images_per_s):
+        if step % steps_per_epoch:  # stopped by max_steps mid-epoch: evaluate when the epoch is complete
+            save(step)
+            return
+        metrics = evaluate(net, val_loader, dist_)
+        improved = metrics["top1"] > state["best_top1"]
+        state.update(metrics=metrics, best_top1=max(state["best_top1"], metrics["top1"]))
+        save(step)
+        if improved:
+            save(step, best_path)
+        if dist_.is_main:
+            common.log_json(os.path.join(cfg.out_dir, "log.jsonl"), {
+                "epoch": epoch, "step": step, "train_loss": mean_loss, "lr": optimizer.param_groups[-1]["lr"],
+                "val_top1": metrics["top1"], "val_top5": metrics["top5"], "val_loss": metrics["loss"],
+                "best_top1": state["best_top1"], "images_per_s": images_per_s, "time": time.time()})
+        dist_.print(f"epoch {epoch}: train loss {mean_loss:.4f}, val top-1 {metrics['top1']:.2f}, top-5 "
+                    f"{metrics['top5']:.2f} (best {state['best_top1']:.2f}), step {step}/{total_steps}")
+
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    common.train(dist_, model, optimizer, loader, loss_of, step=step, total_steps=total_steps, accum=accum,
+                 lr_at=lr_at, save=save, out_dir=cfg.out_dir, seed=cfg.seed, max_steps=cfg.max_steps,
+                 grad_clip=cfg.grad_clip, params=trainable, log_interval=cfg.log_interval, on_epoch=end_of_epoch)
+    return dict(state["metrics"], best_top1=state["best_top1"], epochs=epochs)
+
+
+def evaluate_checkpoint(cfg, val_data, classes: list, dist_: common.Dist) -> dict:
+    """eval_only: the checkpoint's own model (classifier or linear probe) on the val set."""
+    path = cfg.init_from or os.path.join(cfg.out_dir, "best.pt")
+    ckpt = common.load_checkpoint(path)
+    if "classes" not in ckpt:
+        raise SystemExit(f"{path!r} is not a fine-tuned checkpoint (it has no classification head to evaluate); "
+                         f"fine-tune it first")
+    if list(ckpt["classes"]) != list(classes):
+        raise SystemExit(f"{path!r} was trained on {len(ckpt['classes'])} classes that differ from the "
+                         f"{len(classes)} classes of the val set")
+    net = build_model(ckpt["model_args"], ckpt.get("probe"))
+    net.load_state_dict(ckpt["model"])
+    cfg = SimpleNamespace(**{**vars(cfg), "img_size": ckpt["model_args"]["img_size"]})
+    val_set = Transformed(val_data, eval_transform(cfg))
+    loader = common.data_loader(val_set, cfg.micro_batch_size, dist_, train=False, workers=cfg.workers)
+    metrics = evaluate(net.to(dist_.device), loader, dist_)
+    dist_.print(f"{path}: top-1 {metrics['top1']:.2f}, top-5 {metrics['top5']:.2f}, loss {metrics['loss']:.4f} "
+                f"on {metrics['samples']} images")
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------- main
+def main(config: dict):
+    cfg = SimpleNamespace(**config)
+    dist_ = common.Dist(cfg.device)
+    try:
+        if cfg.demo_data:
+            if dist_.is_main:
+                common.make_demo_dataset(cfg.demo_data, size=cfg.img_size, seed=cfg.seed)
+            dist_.barrier()
+        if cfg.init_from and not os.path.isfile(cfg.init_from):
+            raise SystemExit(f"init_from={cfg.init_from!r} does not exist (a checkpoint of pretrain.py or "
+                             f"finetune.py; '' trains from random initialisation)")
+        train_data, val_data, classes = image_folders(cfg.data_dir, cfg.train_split, cfg.val_split)
+        if cfg.eval_only:
+            evaluate_checkpoint(cfg, val_data, classes, dist_)
+            return
+        dist_.print(f"{len(train_data)} training and {len(val_data)} val images, {len(classes)} classes")
+        fit(cfg, train_data, val_data, classes, dist_)
+    finally:
+        dist_.close()
+
+
+if __name__ == "__main__":
+    main(configure(globals()))
