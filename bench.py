@@ -13,7 +13,6 @@
 
 The teacher is a randomly initialised open_clip model (timing only: no download, same cost as trained).
 """
-import contextlib
 import math
 import os
 import random
@@ -175,8 +174,8 @@ def memory(dev: torch.device) -> str:
 
 
 def amp(dev: torch.device):
-    """bf16 autocast on GPU, fp32 on CPU, as pretrain.py (common.Dist.autocast)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+    """bf16 autocast on GPU, fp32 on CPU, as in pretrain.py."""
+    return common.Dist(str(dev)).autocast()
 
 
 # ------------------------------------------------------------------------------------------- benchmarks
