@@ -235,6 +235,23 @@ def test_resume_gives_the_same_next_epoch_loss(demo_run, demo_root, pretrain_ckp
         assert resumed[1][key] == uninterrupted[1][key], key
 
 
+def test_eval_only_reproduces_the_logged_accuracy(demo_run, demo_root, pretrain_ckpt):
+    out, _ = demo_run
+    _, val, classes = finetune.image_folders(demo_root, "train", "val")
+    cfg = finetune.settings(**TINY, init_from=os.path.join(out, "best.pt"), workers=0, micro_batch_size=16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the run that logged it: the same sums, bit for bit
+    try:
+        metrics = finetune.evaluate_checkpoint(cfg, val, classes, common.Dist("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    best = max(_log(out), key=lambda r: r["val_top1"])
+    assert (metrics["top1"], metrics["top5"], metrics["samples"]) == (best["val_top1"], best["val_top5"], 40)
+    with pytest.raises(SystemExit, match="not a fine-tuned checkpoint"):
+        finetune.evaluate_checkpoint(finetune.settings(**TINY, init_from=pretrain_ckpt), val, classes,
+                                     common.Dist("cpu"))
+
+
 def test_linear_probe_leaves_the_backbone_bit_identical(demo_root, pretrain_ckpt, tmp_path):
     out = str(tmp_path / "probe")
     run_script(_demo_args(demo_root, pretrain_ckpt, out, "--linear_probe", "--probe_epochs=1",
