@@ -266,6 +266,16 @@ def test_linear_probe_leaves_the_backbone_bit_identical(demo_root, pretrain_ckpt
     assert "bn.weight" not in probe["model"]  # BatchNorm without affine parameters
 
 
+@pytest.mark.cuda
+def test_demo_on_gpu_with_bf16_compile_and_fused_adamw(demo_root, pretrain_ckpt, tmp_path):
+    """The GPU path (bf16 autocast, torch.compile, fused AdamW, MixUp/CutMix on device tensors), one epoch."""
+    out = str(tmp_path / "gpu")
+    run_script(_demo_args(demo_root, pretrain_ckpt, out, "--device=cuda", "--compile", "--max_steps=7"))
+    log = _log(out)
+    assert len(log) == 1 and math.isfinite(log[0]["train_loss"]) and 0 <= log[0]["val_top1"] <= 100
+    assert common.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 7
+
+
 # ----------------------------------------------------------------------------------------------- bad input
 def _write_images(root, names):
     for name in names:
