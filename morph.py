@@ -182,8 +182,8 @@ def _grouped_loss(pred, target, groups, sizes, loss, beta):
     difference once instead of both sides."""
     B, N, C = pred.shape
     with torch.autocast(pred.device.type, enabled=False):
-        pred = pred.to(_wide(pred))
-        target = target.detach().to(pred.dtype)  # the teacher is frozen: gradients reach pred only
+        dtype = torch.promote_types(_wide(pred), target.dtype)
+        pred, target = pred.to(dtype), target.detach().to(dtype)  # the teacher is frozen: no gradient
         x, total = None, 0.0
         for g, size in zip(groups, sizes):
             if g is None:
@@ -191,6 +191,7 @@ def _grouped_loss(pred, target, groups, sizes, loss, beta):
                 continue
             if x is None:
                 x = (torch.cat([pred, target], dim=-1) if loss == "cosine" else pred - target).flatten(0, 1)
+            size = size.to(dtype)
             M = size.shape[1]
             index = (g + torch.arange(B, device=g.device)[:, None] * M).flatten()  # slot of token i: b*M + g
             means = x.new_zeros(B * M, x.shape[1]).index_add_(0, index, x) / size.view(-1, 1)
