@@ -24,7 +24,7 @@ FAILED=()
 stage() { echo; echo "=== $1   [$(( $(date +%s) - START )) s]"; }
 run() {  # run LIMIT_SECONDS NAME COMMAND...: a failure or timeout is reported and the check goes on
   local limit=$1 name=$2; shift 2
-  timeout --kill-after=10 "$limit" "$@"
+  timeout --kill-after=5 "$limit" "$@"
   local rc=$?
   if [ $rc -ne 0 ]; then
     [ $rc -eq 124 ] && echo "!!! $name: stopped after its limit of $limit s" || echo "!!! $name: exit code $rc"
@@ -52,20 +52,20 @@ if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
 fi
 
 stage "1/4 CUDA-marked tests"
-run 150 "cuda tests" $PY -m pytest -q -m cuda tests -p no:cacheprovider -rs
+run 140 "cuda tests" $PY -m pytest -q -m cuda tests -p no:cacheprovider -rs
 
 stage "2/4 30 steps of the demo pre-training on CUDA"
 TMP=$(mktemp -d)
-run 90 "demo pre-training" $PY pretrain.py config/pretrain_demo.py --device=cuda --max_steps=30 \
+run 70 "demo pre-training" $PY pretrain.py config/pretrain_demo.py --device=cuda --max_steps=30 \
   --demo_data="$TMP/demo" --data_dir="$TMP/demo/train" --out_dir="$TMP/pretrain" --log_interval=5
 [ -f "$TMP/pretrain/log.jsonl" ] && { echo "log.jsonl (one line per epoch):"; cat "$TMP/pretrain/log.jsonl"; }
 
 stage "3/4 bench.py: ViT-B/16 student, random ViT-B/16 CLIP teacher, 224 px, batch 128, bf16, compiled"
-run 180 "bench step+loss" $PY bench.py --parts=step,loss --model=base --batch_size=128 --compile \
+run 190 "bench step+loss" $PY bench.py --parts=step,loss --model=base --batch_size=128 --compile \
   --device=cuda --warmup=3 --iters=10
 
 stage "4/4 bench.py: our ViT-B/16 vs timm's BEiT, forward + backward, batch 128, bf16, eager"
-run 45 "bench vit" $PY bench.py --parts=vit --model=base --batch_size=128 --device=cuda --warmup=3 --iters=10
+run 40 "bench vit" $PY bench.py --parts=vit --model=base --batch_size=128 --device=cuda --warmup=3 --iters=10
 
 rm -rf "$TMP"
 stage "done"
