@@ -46,6 +46,14 @@ class Dist:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def wrap(self, model: torch.nn.Module, compile: bool = False) -> torch.nn.Module:
+        """DDP under torchrun, then torch.compile if asked (compiling the DDP module lets it split graphs at
+        its gradient buckets). Keep the plain module for state_dict(), clipping and evaluation."""
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return torch.compile(model) if compile else model
+
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
             dist.all_reduce(tensor)

@@ -18,7 +18,6 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.transforms import v2
 
 import common
@@ -335,10 +334,7 @@ def fit(cfg, train_data, val_data, classes: list, dist_: common.Dist) -> dict:
         dist_.print(f"{ckpt_path} has finished all {epochs} epochs; nothing to train")
         return dict(state["metrics"], best_top1=state["best_top1"], epochs=epochs)
 
-    model = net
-    if dist_.world_size > 1:
-        model = DDP(model, device_ids=[dist_.device.index] if dist_.device.type == "cuda" else None)
-    model = torch.compile(model) if cfg.compile else model
+    model = dist_.wrap(net, cfg.compile)
 
     def loss_of(batch, step, micro):
         images, targets = targets_of(*batch)  # MixUp/CutMix per micro-batch, then label smoothing

@@ -15,7 +15,6 @@ import warnings
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.transforms import v2
 
 import common
@@ -260,10 +259,7 @@ def main(config: dict):
     elif dist_.is_main:
         os.makedirs(out_dir, exist_ok=True)
 
-    model = student
-    if dist_.world_size > 1:
-        model = DDP(model, device_ids=[dist_.device.index] if dist_.device.type == "cuda" else None)
-    model = torch.compile(model) if compile else model  # compiling DDP lets it split graphs at its buckets
+    model = dist_.wrap(student, compile)
     loss_fn = torch.compile(dtm_loss) if compile else dtm_loss
     rng = random.Random()
 

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
@@ -522,10 +521,7 @@ def main(config: dict):
     elif dist_.is_main:
         os.makedirs(out_dir, exist_ok=True)
 
-    net = segmenter
-    if dist_.world_size > 1:
-        net = DDP(net, device_ids=[dist_.device.index] if dist_.device.type == "cuda" else None)
-    net = torch.compile(net) if compile else net
+    net = dist_.wrap(segmenter, compile)
     result = None
     aux_sum = torch.zeros((), device=dist_.device)  # auxiliary loss since the last log line
     t0 = time.time()
