@@ -32,6 +32,13 @@ run() {  # run LIMIT_SECONDS NAME COMMAND...: a failure or timeout is reported a
   fi
 }
 
+# A GPU machine without open_clip (or ftfy, wcwidth) can be given their wheels in .whl/ (pip download them
+# elsewhere): they are installed into a temporary folder first, nothing is fetched.
+if [ -d .whl ] && compgen -G ".whl/*.whl" > /dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu_check_site .whl/*.whl \
+    && export PYTHONPATH=/tmp/gpu_check_site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
 stage "versions"
 $PY - <<'PYEOF'
 import os, sys
