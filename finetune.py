@@ -346,8 +346,9 @@ def fit(cfg, train_data, val_data, classes: list, dist_: common.Dist) -> dict:
     def save(step, path=ckpt_path):
         if dist_.is_main:
             common.save_checkpoint({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                                    "epoch": step // steps_per_epoch, "config": vars(cfg).copy(), "model_args": args, "probe": probe,
-                                    "classes": list(classes), **state, "rng": common.rng_states()}, path)
+                                    "epoch": step // steps_per_epoch, "config": vars(cfg).copy(),
+                                    "model_args": args, "probe": probe, "classes": list(classes), **state,
+                                    "rng": common.rng_states()}, path)
 
     def end_of_epoch(epoch, step, mean_loss, images_per_s):
         if step % steps_per_epoch:  # stopped by max_steps mid-epoch: evaluate when the epoch is complete
