@@ -46,6 +46,20 @@ class Dist:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def accumulation_steps(self, batch_size: int, micro_batch_size: int) -> int:
+        """Micro-batches per optimizer step that make up `batch_size` over all processes."""
+        accum = batch_size // (micro_batch_size * self.world_size)
+        if accum < 1 or accum * micro_batch_size * self.world_size != batch_size:
+            raise SystemExit(f"batch_size={batch_size} must be a multiple of micro_batch_size={micro_batch_size} "
+                             f"x {self.world_size} processes")
+        return accum
+
+    def on_main(self, fn, *args, **kwargs):
+        """Run fn on rank 0 only (e.g. writing a dataset), while the other ranks wait for it."""
+        if self.is_main:
+            fn(*args, **kwargs)
+        self.barrier()
+
     def wrap(self, model: torch.nn.Module, compile: bool = False) -> torch.nn.Module:
         """DDP under torchrun, then torch.compile if asked (compiling the DDP module lets it split graphs at
         its gradient buckets). Keep the plain module for state_dict(), clipping and evaluation."""

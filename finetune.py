@@ -280,10 +280,7 @@ def fit(cfg, train_data, val_data, classes: list, dist_: common.Dist) -> dict:
     probe_mode = cfg.linear_probe
     epochs, warmup_epochs = (cfg.probe_epochs, cfg.probe_warmup_epochs) if probe_mode else (cfg.epochs,
                                                                                             cfg.warmup_epochs)
-    accum = cfg.batch_size // (cfg.micro_batch_size * dist_.world_size)
-    if accum < 1 or accum * cfg.micro_batch_size * dist_.world_size != cfg.batch_size:
-        raise SystemExit(f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size="
-                         f"{cfg.micro_batch_size} x {dist_.world_size} processes")
+    accum = dist_.accumulation_steps(cfg.batch_size, cfg.micro_batch_size)
     num_classes = len(classes)
     common.seed_everything(cfg.seed + dist_.rank)  # the new head's init, among others: runs repeat exactly
 
@@ -402,9 +399,7 @@ def main(config: dict):
     dist_ = common.Dist(cfg.device)
     try:
         if cfg.demo_data:
-            if dist_.is_main:
-                common.make_demo_dataset(cfg.demo_data, size=cfg.img_size, seed=cfg.seed)
-            dist_.barrier()
+            dist_.on_main(common.make_demo_dataset, cfg.demo_data, size=cfg.img_size, seed=cfg.seed)
         if cfg.init_from and not os.path.isfile(cfg.init_from):
             raise SystemExit(f"init_from={cfg.init_from!r} does not exist (a checkpoint of pretrain.py or "
                              f"finetune.py; '' trains from random initialisation)")

@@ -213,14 +213,9 @@ def model_args(out_dim: int) -> dict:
 def main(config: dict):
     dist_ = common.Dist(device)
     common.seed_everything(seed + dist_.rank)
-    accum = batch_size // (micro_batch_size * dist_.world_size)
-    if accum < 1 or accum * micro_batch_size * dist_.world_size != batch_size:
-        raise SystemExit(f"batch_size={batch_size} must be a multiple of micro_batch_size={micro_batch_size} "
-                         f"x {dist_.world_size} processes")
+    accum = dist_.accumulation_steps(batch_size, micro_batch_size)
     if demo_data:
-        if dist_.is_main:
-            common.make_demo_dataset(demo_data, size=img_size, seed=seed)
-        dist_.barrier()
+        dist_.on_main(common.make_demo_dataset, demo_data, size=img_size, seed=seed)
 
     # Data, teacher, student, optimizer.
     grid = img_size // patch_size

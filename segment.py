@@ -467,17 +467,12 @@ def format_table(result: dict) -> str:
 def main(config: dict):
     dist_ = common.Dist(device)
     common.seed_everything(seed + dist_.rank)
-    accum = batch_size // (micro_batch_size * dist_.world_size)
-    if accum < 1 or accum * micro_batch_size * dist_.world_size != batch_size:
-        raise SystemExit(f"batch_size={batch_size} must be a multiple of micro_batch_size={micro_batch_size} "
-                         f"x {dist_.world_size} processes")
+    accum = dist_.accumulation_steps(batch_size, micro_batch_size)
     sync_bn = dist_.world_size > 1 and dist_.device.type == "cuda"  # SyncBatchNorm runs on GPUs only
     if micro_batch_size < 2 and not sync_bn and not eval_only:
         raise SystemExit("micro_batch_size=1 without SyncBatchNorm: BatchNorm needs 2 images (use 2 or more)")
     if demo_data:
-        if dist_.is_main:
-            common.make_demo_dataset(demo_data, seed=seed)
-        dist_.barrier()
+        dist_.on_main(common.make_demo_dataset, demo_data, seed=seed)
     try:
         root = find_root(data_dir)
         val_set = ADE20K(root, "validation", num_classes, eval_transform(scale))
