@@ -9,7 +9,8 @@
    with DTM (dtm=True) and with token-wise distillation (dtm=False): same model, budget and seeds;
 3. every student evaluated by linear probing and by fine-tuning (finetune.py), top-1 on CIFAR-10 test;
 4. results.md and results.json in out_dir: mean and sample standard deviation over the seeds, every seed's
-   value, and curves.png: the loss and accuracy curves of every run.
+   value, and curves.png: the loss and accuracy curves of every run;
+5. morph.png: the groups DTM's matching finds on the teacher's tokens of real test images (show_morph.py).
 Every stage is a subprocess of the stage script with --key=value settings (the commands are printed), in its
 own folder under out_dir. Rerunning skips the stages that finished and resumes the one that was interrupted.
 Reported top-1 is the last epoch's, not the best: picking the best epoch would select on the test set.
@@ -41,10 +42,10 @@ patch_size = 4  # 8 x 8 = 64 tokens
 # the experiment
 seeds = (0, 1, 2)
 methods = ("dtm", "tokenwise")  # pretrain.py with dtm=True / dtm=False
-teacher_epochs = 20
-pretrain_epochs = 10
-probe_epochs = 10
-finetune_epochs = 10
+teacher_epochs = 15
+pretrain_epochs = 4
+probe_epochs = 3
+finetune_epochs = 4
 batch_size = 256  # every stage
 # any other setting of a stage script, passed on as --key=value, e.g. --pretrain_args="{'num_masked': 32}"
 teacher_args = {}
@@ -52,7 +53,7 @@ pretrain_args = {}
 probe_args = {}
 finetune_args = {}
 # system
-workers = 8
+workers = max(0, min(14, (os.cpu_count() or 1) - 2))  # data loading bounds the speed of these small models
 device = "auto"
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -215,6 +216,20 @@ def draw_curves(stage_names: list[str], path: str):
     plot.draw(list(panels.items()), columns=2).save(path)
 
 
+def draw_morph(teacher: str, images: str):
+    """morph.png: the teacher's token groups on the first test image of four classes (once)."""
+    path = os.path.join(out_dir, "morph.png")
+    if os.path.isfile(path):
+        return
+    tokens = (img_size // patch_size) ** 2
+    command = [sys.executable, os.path.join(ROOT, "show_morph.py"), f"--teacher={teacher!r}", f"--image={images!r}",
+               f"--tokens={tuple(max(1, tokens // 2 ** i) for i in (1, 2, 3, 4))}", "--display_size=128",
+               f"--out={path!r}"]
+    print(f"\nthe teacher's token groups:\n  {shlex.join(command)}", flush=True)
+    if subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode != 0:
+        raise SystemExit("show_morph.py failed (its output is above); the table and curves are written")
+
+
 def main(config: dict):
     for key, value in (("seeds", seeds), ("methods", methods)):
         if not value:
@@ -243,7 +258,8 @@ def main(config: dict):
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(table)
     draw_curves(list(results), os.path.join(out_dir, "curves.png"))
-    print(f"\n{table}\nwrote {out_dir}/results.md, results.json and curves.png")
+    draw_morph(os.path.join(out_dir, "teacher", "ckpt.pt"), os.path.join(data, "test"))
+    print(f"\n{table}\nwrote {out_dir}/results.md, results.json, curves.png and morph.png")
 
 
 if __name__ == "__main__":

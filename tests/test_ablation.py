@@ -172,6 +172,15 @@ def test_ablation_end_to_end_on_real_cifar10_at_smoke_size(cifar10, tmp_path):
             inside = png.crop((x0 + 1, y0 + 1, x1, y1))
             assert inside.getcolors(1 << 16) != [((x1 - x0 - 1) * (y1 - y0 - 1), (255, 255, 255))], panel
 
+    # The teacher's groups on real test images: four rows (classes) of the image and 32, 16, 8, 4 groups.
+    import show_morph
+    with Image.open(out / "morph.png") as png:
+        pad, label = show_morph.PAD, show_morph.LABEL
+        assert png.size == (5 * 128 + 6 * pad, 4 * (128 + label) + 5 * pad)
+        firsts = [png.crop((pad, pad + label + r * (128 + label + pad), pad + 128, (r + 1) * (128 + label + pad)))
+                  for r in range(4)]
+        assert len({f.tobytes() for f in firsts}) == 4  # four different images
+
     # Resumable: a rerun skips every finished stage; other settings in the same out_dir are refused.
     before = (out / "results.json").read_text()
     proc = run_script(args, env=ONE_THREAD, timeout=300)
