@@ -18,6 +18,7 @@ Reported top-1 is the last epoch's, not the best: picking the best epoch would s
 Data: `data_dir`/{train,test}/<class>/*.jpg. If the folder is missing it is written once from torchvision's
 CIFAR10 (download=True): the same 50,000 + 10,000 images.
 """
+import ast
 import json
 import os
 import shlex
@@ -42,10 +43,10 @@ patch_size = 4  # 8 x 8 = 64 tokens
 # the experiment
 seeds = (0, 1, 2)
 methods = ("dtm", "tokenwise")  # pretrain.py with dtm=True / dtm=False
-teacher_epochs = 15
-pretrain_epochs = 4
-probe_epochs = 3
-finetune_epochs = 4
+teacher_epochs = 10
+pretrain_epochs = 3
+probe_epochs = 2
+finetune_epochs = 3
 batch_size = 256  # every stage
 # any other setting of a stage script, passed on as --key=value, e.g. --pretrain_args="{'num_masked': 32}"
 teacher_args = {}
@@ -133,12 +134,22 @@ def read_log(folder: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def as_text(value) -> str:
+    """A setting as the configurator reads it back: plain strings bare (readable commands), the rest as repr."""
+    if isinstance(value, str):
+        try:
+            ast.literal_eval(value)  # e.g. '1' or 'True': bare, it would come back as another type
+        except (ValueError, SyntaxError):
+            return value
+    return repr(value)
+
+
 def run_stage(index: int, total: int, name: str, script: str, settings: dict) -> dict:
     """Run one stage in a subprocess unless its done.json says it finished with the same settings; return
     done.json's record. A stage that failed or was interrupted is run again and resumes from its ckpt.pt."""
     folder = settings["out_dir"]
     done_path = os.path.join(folder, "done.json")
-    command = [sys.executable, os.path.join(ROOT, script), *(f"--{k}={v!r}" for k, v in settings.items())]
+    command = [sys.executable, os.path.join(ROOT, script), *(f"--{k}={as_text(v)}" for k, v in settings.items())]
     compared = {k: v for k, v in settings.items() if k not in SYSTEM}
     if os.path.isfile(done_path):
         with open(done_path) as f:
@@ -222,9 +233,9 @@ def draw_morph(teacher: str, images: str):
     if os.path.isfile(path):
         return
     tokens = (img_size // patch_size) ** 2
-    command = [sys.executable, os.path.join(ROOT, "show_morph.py"), f"--teacher={teacher!r}", f"--image={images!r}",
-               f"--tokens={tuple(max(1, tokens // 2 ** i) for i in (1, 2, 3, 4))}", "--display_size=128",
-               f"--out={path!r}"]
+    command = [sys.executable, os.path.join(ROOT, "show_morph.py"), f"--teacher={as_text(teacher)}",
+               f"--image={as_text(images)}", f"--tokens={tuple(max(1, tokens // 2 ** i) for i in (1, 2, 3, 4))}",
+               "--display_size=128", f"--out={as_text(path)}"]
     print(f"\nthe teacher's token groups:\n  {shlex.join(command)}", flush=True)
     if subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode != 0:
         raise SystemExit("show_morph.py failed (its output is above); the table and curves are written")

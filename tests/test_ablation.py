@@ -120,6 +120,13 @@ def test_cifar10_folder_writes_torchvisions_cifar10_as_an_image_folder(tmp_path,
     assert not any(n.endswith(".tmp") for n in os.listdir(root))
 
 
+def test_stage_settings_come_back_from_the_command_line_unchanged():
+    import ablation
+    from configurator import _parse_value
+    for value in ["tiny", "", "/data/my cifar", "1", "True", "None", (0.5, 1.0), True, 3e-3, 24, {"k_max": 4}]:
+        assert _parse_value(ablation.as_text(value)) == value, value
+
+
 # ----------------------------------------------------------------------------------- the whole experiment
 SMOKE = ["--train_per_class=8", "--test_per_class=5", "--depth=1", "--seeds=(0, 1)", "--teacher_epochs=1",
          "--pretrain_epochs=2", "--probe_epochs=1", "--finetune_epochs=1", "--batch_size=16", "--workers=0",
