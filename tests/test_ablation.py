@@ -49,6 +49,16 @@ def test_a_finetuned_checkpoint_as_teacher_gives_its_normed_last_block_patch_tok
     assert (targets - other).abs().mean() > 0.1  # another net's tokens are far off: the weights were loaded
 
 
+def test_init_from_a_finetuned_checkpoint_loads_its_weights(tmp_path):
+    """Fine-tuned checkpoints hold probe=None: they are not linear-probe checkpoints (whose backbone is taken)."""
+    saved = finetuned_checkpoint(tmp_path / "ft.pt")
+    net = finetune.build_model(finetune.model_args(finetune.settings(model="tiny", depth=2, img_size=32,
+                                                                     patch_size=8), 10), None)
+    finetune.init_model(net, str(tmp_path / "ft.pt"), log=lambda *_: None)
+    for name, tensor in saved.state_dict().items():
+        assert torch.equal(net.state_dict()[name], tensor), name
+
+
 def test_a_linear_probe_checkpoint_as_teacher_is_refused_with_a_hint(tmp_path):
     common.save_checkpoint({"model": {}, "model_args": {"embed_dim": 8}, "probe": {"block": -1}},
                            str(tmp_path / "probe.pt"))
