@@ -43,10 +43,10 @@ patch_size = 4  # 8 x 8 = 64 tokens
 # the experiment
 seeds = (0, 1, 2)
 methods = ("dtm", "tokenwise")  # pretrain.py with dtm=True / dtm=False
-teacher_epochs = 10
+teacher_epochs = 8
 pretrain_epochs = 3
 probe_epochs = 2
-finetune_epochs = 3
+finetune_epochs = 2
 batch_size = 256  # every stage
 # any other setting of a stage script, passed on as --key=value, e.g. --pretrain_args="{'num_masked': 32}"
 teacher_args = {}
