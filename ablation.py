@@ -150,13 +150,13 @@ def run_stage(index: int, total: int, name: str, script: str, settings: dict) ->
     folder = settings["out_dir"]
     done_path = os.path.join(folder, "done.json")
     command = [sys.executable, os.path.join(ROOT, script), *(f"--{k}={as_text(v)}" for k, v in settings.items())]
-    compared = {k: v for k, v in settings.items() if k not in SYSTEM}
+    compared = json.loads(json.dumps({k: v for k, v in settings.items() if k not in SYSTEM}))  # as done.json has it
     if os.path.isfile(done_path):
         with open(done_path) as f:
             done = json.load(f)
-        if done["settings"] != json.loads(json.dumps(compared)):
+        if done["settings"] != compared:
             changed = sorted(k for k in set(compared) | set(done["settings"])
-                             if done["settings"].get(k) != json.loads(json.dumps(compared.get(k))))
+                             if done["settings"].get(k) != compared.get(k))
             raise SystemExit(f"{folder} finished with other settings ({', '.join(changed)} differ); choose a new "
                              f"out_dir for new settings (nothing was changed in {out_dir})")
         print(f"[{index}/{total}] {name}: done, skipped", flush=True)
@@ -169,7 +169,8 @@ def run_stage(index: int, total: int, name: str, script: str, settings: dict) ->
                          f"command to resume: finished stages are skipped")
     last = read_log(folder)[-1]
     done = {"settings": compared, "command": shlex.join(command), "seconds": round(time.time() - start, 1),
-            "top1": last.get("val_top1"), "loss": last.get("loss", last.get("train_loss")), "epochs": last["epoch"] + 1}
+            "top1": last.get("val_top1"), "loss": last.get("loss", last.get("train_loss")),
+            "epochs": last["epoch"] + 1}
     with open(done_path + ".tmp", "w") as f:
         json.dump(done, f, indent=1)
     os.replace(done_path + ".tmp", done_path)
