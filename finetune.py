@@ -239,7 +239,7 @@ def init_model(net: nn.Module, path: str, log=print):
     the tables, refuses another model size)."""
     ckpt = common.load_checkpoint(path)
     backbone = net.backbone if isinstance(net, LinearProbe) else net
-    if "probe" in ckpt:  # a linear-probe checkpoint: its backbone is what we want
+    if ckpt.get("probe"):  # a linear-probe checkpoint: its backbone is what we want (fine-tuned ones hold None)
         ckpt = dict(ckpt, model={k[len("backbone."):]: v for k, v in ckpt["model"].items()
                                  if k.startswith("backbone.")})
     try:

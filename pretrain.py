@@ -36,7 +36,7 @@ drop_path = 0.0
 layer_scale = 0.0  # LayerScale init; 0: the size's own (0.1 base, 1e-5 large)
 abs_pos = False  # absolute position embedding (off: relative position biases only, as BEiT v2)
 # teacher
-teacher = "ViT-B-16-quickgelu"  # an open_clip model name, or the path of a checkpoint of this project
+teacher = "ViT-B-16-quickgelu"  # an open_clip model name, or a pre-training or fine-tuned checkpoint of this project
 teacher_pretrained = "openai"  # open_clip tag or a local weights file; '' = random init (smoke tests only)
 teacher_overrides = {}  # merged into the open_clip model config, e.g. {'vision_cfg': {'layers': 2}}
 # masking (BEiT block-wise)
@@ -174,18 +174,31 @@ class ClipTeacher(torch.nn.Module):
 
 
 class CheckpointTeacher(torch.nn.Module):
-    """A checkpoint of this project as the teacher: its per-patch outputs are the targets."""
+    """A checkpoint of this project as the teacher. Its targets, per patch:
+    - a pre-training checkpoint: its predictions (final norm, then lm_head), what that student learned to give;
+    - a fine-tuned classifier (finetune.py): the last block's patch tokens after fc_norm, the norm its head
+      reads. That is what ClipTeacher takes from CLIP: every patch token through ln_post, the norm CLIP trained
+      on its pooled output. The class head is left out: a handful of class logits per patch would throw away
+      most of what a token holds, where CLIP's proj keeps a 512-d embedding.
+    Every weight is loaded strictly from the file: a teacher that silently kept random weights would teach
+    noise."""
 
     def __init__(self, path: str):
         super().__init__()
         ckpt = common.load_checkpoint(path)
-        if "lm_head.weight" not in ckpt.get("model", {}):
-            raise SystemExit(f"teacher={path!r} is not a pre-training checkpoint of this project (no lm_head)")
-        args = dict(ckpt["model_args"], mask_token=False, num_classes=0, drop_path=0.0)
+        state, args = dict(ckpt.get("model", {})), ckpt.get("model_args")
+        if args is None or ckpt.get("probe"):
+            raise SystemExit(f"teacher={path!r} is neither a pre-training nor a fine-tuned checkpoint of this "
+                             f"project" + (" (a linear probe: pass the checkpoint it probed)" if args else ""))
+        if args.get("num_classes"):  # fine-tuned: fc_norm becomes the per-token norm, the class head goes
+            state = {("norm." + k[len("fc_norm."):] if k.startswith("fc_norm.") else k): v
+                     for k, v in state.items() if not k.startswith("head.")}
+        elif "lm_head.weight" not in state:
+            raise SystemExit(f"teacher={path!r} has neither a pre-training head (lm_head) nor a classifier")
+        args = dict(args, mask_token=False, num_classes=0, drop_path=0.0)
         self.net = VisionTransformer(**args)
-        state = {k: v for k, v in ckpt["model"].items() if not k.startswith(("mask_token", "fc_norm", "head."))}
-        self.net.load_state_dict(state, strict=False)
-        self.out_dim = args["out_dim"] or args["embed_dim"]
+        self.net.load_state_dict({k: v for k, v in state.items() if k != "mask_token"})
+        self.out_dim = args.get("out_dim") or args["embed_dim"]
         self.mean, self.std = common.IMAGENET_MEAN, common.IMAGENET_STD
 
     def forward(self, images_uint8):

@@ -3,6 +3,8 @@
     python show_morph.py                                      # generated demo image, random ViT-B/16 teacher
     python show_morph.py --image=photo.jpg --out=morph.png --tokens="(196, 98, 49, 16)"
     python show_morph.py --teacher=out/pretrain_demo/ckpt.pt  # a checkpoint of this project as the teacher
+    python show_morph.py --teacher=out/cifar/teacher/ckpt.pt --image=../shared/data/cifar10/test \
+        --tokens="(32, 16, 8, 4)" --display_size=128 --out=out/cifar/morph.png  # trained teacher, real images
 
 For each number of remaining tokens, a schedule of equal rounds (as DTM draws them) merges the teacher's
 patch tokens into that many groups with morph.morph_groups; every group is drawn as one coloured region over
@@ -27,7 +29,9 @@ from configurator import configure
 from morph import morph_groups
 
 # ------------------------------------------------------------------------------------------------- settings
-image = ""  # an image file; '' = a generated image (2x2 images of the demo dataset, common._demo_image)
+image = ""  # an image file, or an ImageFolder (one row per class: its first image); '' = a generated image
+rows = 4  # rows drawn from an ImageFolder
+display_size = 0  # pixels per panel; 0: the teacher's input size (e.g. 128 shows a 32 px CIFAR image larger)
 out = "docs/morph.png"
 teacher = "ViT-B-16-quickgelu"  # an open_clip model name, or a checkpoint of this project
 teacher_pretrained = ""  # open_clip weights (a tag or a local file); '' = random init
@@ -66,8 +70,23 @@ def load_image(size: int) -> torch.Tensor:
         tiles = [common._demo_image(rng, half)[0] for _ in range(4)]
         pixels = np.concatenate([np.concatenate(tiles[:2], 1), np.concatenate(tiles[2:], 1)], 0)
         return v2.Resize(size, antialias=True)(torch.from_numpy(pixels).permute(2, 0, 1).contiguous())
-    resize = v2.Compose([v2.PILToTensor(), v2.Resize(size, antialias=True), v2.CenterCrop(size)])
-    return resize(Image.open(image).convert("RGB"))
+    return fit(Image.open(image).convert("RGB"), size)
+
+
+def fit(picture: Image.Image, size: int) -> torch.Tensor:
+    """[3, size, size] uint8: resized and centre-cropped."""
+    return v2.Compose([v2.PILToTensor(), v2.Resize(size, antialias=True), v2.CenterCrop(size)])(picture)
+
+
+def load_images(size: int) -> list[tuple[torch.Tensor, str]]:
+    """(image, label) per row: the first image of each of `rows` classes of an ImageFolder, or one image."""
+    if not os.path.isdir(image):
+        return [(load_image(size), "image" if image else "generated image")]
+    folder = common.ImageFolder(image)
+    first = {}
+    for i, (_, label) in enumerate(folder.samples):
+        first.setdefault(label, i)
+    return [(fit(folder[i][0], size), folder.classes[label]) for label, i in list(first.items())[:rows]]
 
 
 def palette(n: int, rng: np.random.Generator) -> list[tuple[int, int, int]]:
@@ -115,25 +134,29 @@ def main():
         which = (f"open_clip {teacher}, RANDOMLY INITIALISED (groups follow raw pixel similarity, "
                  f"not meaning)")
     size = input_size(net)
-    img = load_image(size)
-    target = net(img[None].to(dev)).float()  # [1, N, C]
-    n = target.shape[1]
-    grid = math.isqrt(n)
     rng = np.random.default_rng(seed)
-    panels = [labelled(img, "image" if image else "generated image")]
-    for m in tokens:
-        if not 1 <= m <= n:
-            raise SystemExit(f"tokens: {m} is not between 1 and the teacher's {n} tokens")
-        schedule = schedule_to(n, m, rounds)
-        groups = morph_groups(target, schedule)[0].cpu()
-        assert groups.unique().numel() == m, (m, schedule)
-        panels.append(labelled(draw_groups(img, groups, grid, rng), f"{m} tokens"))
-        print(f"{m:4d} tokens: schedule {schedule}")
-    picture = make_grid(torch.stack(panels), nrow=len(panels), padding=PAD, pad_value=255)
+    panels = []
+    for row, (img, label) in enumerate(load_images(size)):
+        target = net(img[None].to(dev)).float()  # [1, N, C]
+        n = target.shape[1]
+        grid = math.isqrt(n)
+        img = v2.Resize(display_size or size, antialias=True)(img)  # drawn larger or smaller than the teacher saw it
+        panels.append(labelled(img, label))
+        for m in tokens:
+            if not 1 <= m <= n:
+                raise SystemExit(f"tokens: {m} is not between 1 and the teacher's {n} tokens")
+            schedule = schedule_to(n, m, rounds)
+            groups = morph_groups(target, schedule)[0].cpu()
+            assert groups.unique().numel() == m, (m, schedule)
+            panels.append(labelled(draw_groups(img, groups, grid, rng), f"{m} tokens"))
+            if row == 0:
+                print(f"{m:4d} tokens: schedule {schedule}")
+    picture = make_grid(torch.stack(panels), nrow=len(tokens) + 1, padding=PAD, pad_value=255)
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     Image.fromarray(picture.permute(1, 2, 0).numpy()).save(out, optimize=True)
     print(f"teacher: {which}\nimage: {image or 'generated (2x2 demo images, seed %d)' % seed}, {size} px, "
-          f"{n} tokens\nwrote {out} ({picture.shape[2]}x{picture.shape[1]} px)")
+          f"{n} tokens, {len(panels) // (len(tokens) + 1)} row(s)\n"
+          f"wrote {out} ({picture.shape[2]}x{picture.shape[1]} px)")
 
 
 if __name__ == "__main__":
