@@ -38,6 +38,7 @@ OWN = ("init_from", "datasets", "data_root", "demo_data", "out_dir", "recipe_dir
 NOT_OVERRIDABLE = ("eval_only", "data_dir", "train_split", "val_split")
 FINETUNE_DEFAULTS = {k: v for k, v in settings_of(vars(finetune)).items() if k not in OWN + NOT_OVERRIDABLE}
 globals().update(FINETUNE_DEFAULTS)
+RULES = {k: v for k, v in finetune.RULES.items() if k in FINETUNE_DEFAULTS}  # checked by configure()
 
 
 # ----------------------------------------------------------------------------------------------- datasets
@@ -247,7 +248,7 @@ def recipe(name: str, recipe_dir_: str) -> tuple[dict, str]:
     if not os.path.isfile(path):
         return {}, ""
     try:
-        return parse_args([path], finetune.settings().__dict__), path
+        return parse_args([path], finetune.settings().__dict__, finetune.RULES), path
     except ConfigError as e:
         raise SystemExit(f"recipe {path}: {e}") from None
 
@@ -333,5 +334,5 @@ def load(name: str, config: dict):
 
 if __name__ == "__main__":
     _defaults = settings_of(globals())
-    _config = configure(globals())
+    _config = configure(globals(), rules=RULES)
     main(_config, set(parse_args(sys.argv[1:], _defaults)))

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 import common
-from configurator import configure, settings_of
+from configurator import Range, at_least, configure, settings_of
 from model import SIZES, VisionTransformer, load_backbone
 
 # ------------------------------------------------------------------------------------------------- settings
@@ -80,6 +80,14 @@ device = "auto"  # auto, cpu, cuda, cuda:1
 compile = False
 max_steps = 0  # stop after this many optimizer steps (0: run all epochs); for smoke tests and benchmarks
 log_interval = 10  # optimizer steps between progress-bar updates (each costs a GPU sync)
+# values configure() refuses beyond a wrong type: each setting's choices or range
+RULES = {"model": tuple(SIZES), "crop_pct": Range(0.01, 1),
+         **dict.fromkeys(("drop_path", "erase_prob", "mixup_switch_prob", "smoothing", "layer_decay"), Range(0, 1)),
+         **dict.fromkeys(("img_size", "patch_size", "epochs", "batch_size", "micro_batch_size", "probe_epochs",
+                          "log_interval"), at_least(1)),
+         **dict.fromkeys(("depth", "layer_scale", "randaug_ops", "mixup", "cutmix", "warmup_epochs", "lr", "min_lr",
+                          "weight_decay", "grad_clip", "probe_warmup_epochs", "probe_lr", "workers", "max_steps"),
+                         at_least(0))}
 
 MEAN_FILL = tuple(round(255 * m) for m in common.IMAGENET_MEAN)  # RandAugment fills with the mean colour
 
@@ -414,4 +422,4 @@ def main(config: dict):
 
 
 if __name__ == "__main__":
-    main(configure(globals()))
+    main(configure(globals(), rules=RULES))

@@ -18,7 +18,7 @@ import torch
 from torchvision.transforms import v2
 
 import common
-from configurator import configure
+from configurator import Range, at_least, configure
 from model import SIZES, VisionTransformer
 from morph import dtm_loss, sample_schedule
 
@@ -68,6 +68,12 @@ device = "auto"  # auto, cpu, cuda, cuda:1
 compile = False
 max_steps = 0  # stop after this many optimizer steps (0: run all epochs); for smoke tests and benchmarks
 log_interval = 10  # optimizer steps between progress-bar updates (each costs a GPU sync)
+# values configure() refuses beyond a wrong type: each setting's choices or range
+RULES = {"model": tuple(SIZES), "loss": ("smooth_l1", "l2", "cosine"), "drop_path": Range(0, 1),
+         **dict.fromkeys(("img_size", "patch_size", "min_block", "epochs", "batch_size", "micro_batch_size",
+                          "log_interval"), at_least(1)),
+         **dict.fromkeys(("depth", "layer_scale", "num_masked", "num_schedules", "n_max", "k_max", "beta",
+                          "warmup_epochs", "lr", "min_lr", "grad_clip", "workers", "max_steps"), at_least(0))}
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -296,4 +302,4 @@ def main(config: dict):
 
 
 if __name__ == "__main__":
-    main(configure(globals()))
+    main(configure(globals(), rules=RULES))

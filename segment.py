@@ -21,7 +21,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 import common
-from configurator import configure
+from configurator import Range, at_least, configure
 from model import SIZES, UperNetSegmenter, VisionTransformer, checkpoint_model_args, default_out_indices, \
     load_backbone
 
@@ -73,6 +73,14 @@ device = "auto"  # auto, cpu, cuda, cuda:1
 compile = False
 max_iters = 0  # stop after this many iterations (0: run all); for smoke tests and benchmarks
 log_interval = 50  # iterations between log lines (each costs a GPU sync)
+# values configure() refuses beyond a wrong type: each setting's choices or range
+RULES = {"model": tuple(SIZES),
+         **dict.fromkeys(("drop_path", "dropout", "cat_max_ratio", "layer_decay"), Range(0, 1)),
+         **dict.fromkeys(("patch_size", "num_classes", "channels", "aux_channels", "crop_size", "eval_stride", "iters",
+                          "batch_size", "micro_batch_size", "eval_interval", "ckpt_interval", "log_interval"),
+                         at_least(1)),
+         **dict.fromkeys(("depth", "aux_weight", "warmup_iters", "lr", "min_lr", "power", "grad_clip", "workers",
+                          "max_iters"), at_least(0))}
 
 IGNORE = 255
 WARMUP_RATIO = 1e-6  # mmcv's linear warmup starts at this fraction of the lr
@@ -594,4 +602,4 @@ def build_from(ckpt: dict, dist_: common.Dist):
 
 
 if __name__ == "__main__":
-    main(configure(globals()))
+    main(configure(globals(), rules=RULES))
