@@ -12,7 +12,8 @@ back into the script's globals, prints it once (rank 0) and returns it as a dict
 
 Values are parsed with `ast.literal_eval`, falling back to the plain string. An int is accepted for a float
 setting; `--key value` works like `--key=value`; a bare `--flag` sets a bool setting to True. A setting whose
-default is typed refuses None, a non-finite float (`--lr=1e999` parses as inf) and a tuple of another length.
+default is typed refuses None, a non-finite float (`--lr=1e999` parses as inf) and a tuple of another length
+(a tuple is a record like betas; a list setting takes any length).
 A script may pass `rules`, {setting: allowed values}, a tuple of choices or a range (`at_least(1)`), checked
 for every value however it was given. `--help` (or `-h`) prints every setting, its default and the comment
 beside it in the script's source, and exits.
@@ -91,10 +92,10 @@ def _coerce_type(key: str, value, default, where: str):
     if expected is str and not isinstance(value, str):
         raise ConfigError(f"{key}: expected str, got {value!r} from {where}; quote it, e.g. --{key}='{value}'")
     if expected in (tuple, list) and isinstance(value, (tuple, list)):
-        if default and len(value) != len(default):  # an empty default takes any length
-            raise ConfigError(f"{key}: expected {len(default)} values like the default {default!r}, "
-                              f"got {len(value)}: {value!r} from {where}")
-        if default:
+        if expected is tuple:  # a record of fixed length (betas, scale); a list is a sequence of any length
+            if len(value) != len(default):
+                raise ConfigError(f"{key}: expected {len(default)} values like the default {default!r}, "
+                                  f"got {len(value)}: {value!r} from {where}")
             value = [_coerce_type(f"{key}[{i}]", v, d, where) for i, (v, d) in enumerate(zip(value, default))]
         return expected(value)
     if type(value) is not expected:
@@ -194,9 +195,9 @@ def help_text(namespace: dict, rules: dict) -> str:
     sources = [script] + [m.__file__ for m in namespace.values() if type(m) is type(sys) and
                           getattr(m, "__file__", None) and os.path.dirname(m.__file__) == os.path.dirname(script)]
     comments = {}
-    for path in reversed(sources):  # the script's own comments win
+    for path in reversed(sources):  # the script's own comments win, where it has one
         if path.endswith(".py") and os.path.isfile(path):
-            comments.update(source_comments(path))
+            comments.update({k: c for k, c in source_comments(path).items() if c[0] or k not in comments})
     name = os.path.basename(script)
     doc = (namespace.get("__doc__") or "").strip().split("\n\n")[0]
     lines = [f"usage: python {name} [config_file.py ...] [--key=value ...]", "", doc, "",
