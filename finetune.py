@@ -317,8 +317,9 @@ def fit(cfg, train_data, val_data, classes: list, dist_: common.Dist) -> dict:
         optimizer = common.adamw(groups, base_lr, cfg.betas, cfg.eps, dist_.device)
     ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
     step, state = 0, {"best_top1": -1.0, "metrics": {}}
+    out_lock = common.prepare_out_dir(cfg.out_dir, dist_.is_main)  # writable, not in use; held while fit runs
     if os.path.isfile(ckpt_path):
-        ckpt = common.load_checkpoint(ckpt_path)
+        ckpt = common.load_checkpoint(ckpt_path, stage="finetune")
         if ckpt.get("model_args") != args or ckpt.get("probe") != probe:
             raise SystemExit(f"{ckpt_path} holds a run of another model or task ({ckpt.get('model_args')}, "
                              f"probe {ckpt.get('probe')}); choose a new out_dir to start a new run")
@@ -353,7 +354,7 @@ def fit(cfg, train_data, val_data, classes: list, dist_: common.Dist) -> dict:
             common.save_checkpoint({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                                     "epoch": step // steps_per_epoch, "config": vars(cfg).copy(),
                                     "model_args": args, "probe": probe, "classes": list(classes), **state,
-                                    "rng": common.rng_states()}, path)
+                                    "rng": common.rng_states(), "stage": "finetune"}, path)
 
     def end_of_epoch(epoch, step, mean_loss, images_per_s):
         if step % steps_per_epoch:  # stopped by max_steps mid-epoch: evaluate when the epoch is complete

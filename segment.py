@@ -487,9 +487,10 @@ def main(config: dict):
     except FileNotFoundError as e:
         raise SystemExit(f"data error: {e}") from e
     ckpt_path, best_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "best.pt")
+    out_lock = common.prepare_out_dir(out_dir, dist_.is_main)  # writable, not in use; held while the run lives
 
     # Model: a resumed run's own checkpoint wins over init_from.
-    resume = common.load_checkpoint(ckpt_path) if os.path.isfile(ckpt_path) and not (eval_only and init_from) else None
+    resume = common.load_checkpoint(ckpt_path, stage="segment") if os.path.isfile(ckpt_path) and not (eval_only and init_from) else None
     segmenter, backbone_args, head_args = build_segmenter(dist_) if resume is None else build_from(resume, dist_)
     segmenter = segmenter.to(dist_.device)
     if eval_only:
@@ -542,7 +543,7 @@ def main(config: dict):
             common.save_checkpoint({"model": segmenter.state_dict(), "optimizer": optimizer.state_dict(),
                                     "step": step, "best_miou": best_miou, "config": config,
                                     "backbone_args": backbone_args, "head_args": head_args,
-                                    "rng": common.rng_states()}, ckpt_path)
+                                    "rng": common.rng_states(), "stage": "segment"}, ckpt_path)
 
     def run_eval(step):
         nonlocal best_miou, result
@@ -554,7 +555,7 @@ def main(config: dict):
             if result["mIoU"] > best_miou:
                 common.save_checkpoint({"model": segmenter.state_dict(), "step": step, "mIoU": result["mIoU"],
                                         "config": config, "backbone_args": backbone_args,
-                                        "head_args": head_args}, best_path)
+                                        "head_args": head_args, "stage": "segment"}, best_path)
         best_miou = max(best_miou, result["mIoU"])
 
     def after_step(step, mean_loss):
