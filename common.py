@@ -100,11 +100,9 @@ def stop_with_parent(sig: int = signal.SIGTERM) -> bool:
     if not sys.platform.startswith("linux"):
         return False
     PR_SET_PDEATHSIG = 1
-    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
-        return False
-    if os.getppid() == 1:  # the parent died before we asked: we were already handed to init
-        os.kill(os.getpid(), sig)
-    return True
+    # (A launcher killed before this call goes unnoticed; checking getppid() == 1 would misfire where torchrun
+    # itself is PID 1, as in a container.)
+    return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
 
 
 def seed_everything(seed: int):
@@ -147,7 +145,7 @@ def atomic_write(path: str, write):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError
-            raise OSError(getattr(e, "errno", None), f"could not write {path}: {e} ({_likely_cause(path, e)})") from e
+            raise OSError(f"could not write {path}: {e} ({_likely_cause(path, e)})") from e
         raise
 
 
