@@ -12,6 +12,7 @@ import random
 import shutil
 import signal
 import sys
+import tempfile
 import time
 import warnings
 
@@ -209,6 +210,8 @@ def prepare_out_dir(out_dir: str, is_main: bool = True):
     import fcntl  # Unix only, as torchrun's launcher
     try:
         os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):  # new files can be made there (checkpoints are written so)
+            pass
         lock = open(os.path.join(out_dir, "run.lock"), "a+")
     except OSError as e:
         raise SystemExit(f"out_dir={out_dir!r} is not writable: {e} ({_likely_cause(out_dir, e)})") from None

@@ -66,6 +66,16 @@ def test_read_only_out_dir_is_found_at_start(tmp_path, monkeypatch):
         common.prepare_out_dir(str(tmp_path))
 
 
+def test_an_out_dir_where_no_file_can_be_created_is_found_at_start(tmp_path, monkeypatch):
+    (tmp_path / "run.lock").write_text("")  # left by an earlier run: opening it alone would still work
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path))
+    monkeypatch.setattr(common.tempfile, "TemporaryFile", refuse)
+    with pytest.raises(SystemExit, match=rf"out_dir='{tmp_path}' is not writable: .*read-only or not writable"):
+        common.prepare_out_dir(str(tmp_path))
+
+
 def test_ckpt_pt_being_a_folder_stops_the_run_before_training(demo_root, tmp_path):
     os.makedirs(tmp_path / "ckpt.pt")
     proc = run_script(tiny_pretrain_args(demo_root, tmp_path), check=False)
