@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import common
 import pretrain
-from configurator import configure
+from configurator import at_least, configure
 from model import SIZES, VisionTransformer
 from morph import _wide, dtm_loss, sample_schedule
 
@@ -65,6 +65,12 @@ warmup = 2  # untimed iterations per variant (compilation happens here)
 iters = 5  # timed iterations per variant
 peak_flops = 989e12  # the device's peak for MFU: H100 SXM bf16 dense; GPU only
 seed = 0
+# values configure() refuses beyond a wrong type: each setting's choices or range
+RULES = {"model": tuple(SIZES), "loss": ("smooth_l1", "l2", "cosine"),
+         **dict.fromkeys(("img_size", "patch_size", "batch_size", "min_block", "loss_batch", "loss_tokens", "loss_dim",
+                          "iters"), at_least(1)),
+         **dict.fromkeys(("depth", "num_masked", "num_schedules", "n_max", "k_max", "loss_n", "loss_k", "threads",
+                          "warmup", "lr"), at_least(0))}
 
 
 # ------------------------------------------------------------------------------ the dense formulation
@@ -349,5 +355,5 @@ def main():
 
 
 if __name__ == "__main__":
-    configure(globals())
+    configure(globals(), rules=RULES)
     main()

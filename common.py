@@ -3,17 +3,23 @@
 Nothing here is specific to DTM; read the stage scripts first.
 """
 import contextlib
+import ctypes
+import errno
 import json
 import math
 import os
 import random
+import shutil
 import signal
+import sys
+import tempfile
 import time
 import warnings
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
 from torchvision import datasets
 from tqdm import tqdm
 
@@ -34,6 +40,8 @@ class Dist:
         if device == "cuda":  # a bare 'cuda' means this process's own GPU (set_device needs an index)
             device = f"cuda:{self.local_rank}"
         self.device = torch.device(device)
+        if "LOCAL_RANK" in os.environ:  # started by torchrun: do not outlive it (kill -9 of the launcher)
+            stop_with_parent()
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if self.world_size > 1 and not dist.is_initialized():
@@ -86,6 +94,18 @@ class Dist:
             print(*args, flush=True)
 
 
+def stop_with_parent(sig: int = signal.SIGTERM) -> bool:
+    """Ask Linux to send this process `sig` when its parent dies. torchrun stops its workers with SIGTERM, but
+    a launcher killed with -9 cannot: this SIGTERM then takes the usual way out (checkpoint, exit). Returns
+    whether it is armed (False on other systems)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    PR_SET_PDEATHSIG = 1
+    # (A launcher killed before this call goes unnoticed; checking getppid() == 1 would misfire where torchrun
+    # itself is PID 1, as in a container.)
+    return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+
+
 def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -111,21 +131,109 @@ def set_rng_states(states: dict):
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(obj: dict, path: str):
-    """Write atomically: a crash mid-write never leaves a torn file where the last good checkpoint was."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+def atomic_write(path: str, write):
+    """Replace `path` by what `write(binary file)` writes, all or nothing: to path.tmp, fsync, os.replace. A
+    crash mid-write never leaves a torn file where the last good one was; a failed write leaves no .tmp and
+    raises an OSError naming the file and the likely cause."""
     tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError
+            raise OSError(f"could not write {path}: {e} ({_likely_cause(path, e)})") from e
+        raise
 
 
-def load_checkpoint(path: str) -> dict:
+def _likely_cause(path: str, error: Exception) -> str:
+    code = getattr(error, "errno", None)
+    folder = os.path.dirname(os.path.abspath(path))
+    free = shutil.disk_usage(folder).free if os.path.isdir(folder) else None
+    if code in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < 64 * 2**20):
+        return f"no space left on the device of {folder}" + (f": {free / 2**20:.0f} MiB free" if free is not None else "")
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"{folder} is read-only or not writable by this user"
+    if os.path.isdir(path):
+        return f"{path} is a directory"
+    return "see the error above" + (f"; {free / 2**30:.1f} GiB free there" if free is not None else "")
+
+
+def save_checkpoint(obj: dict, path: str):
+    """Write atomically (atomic_write): an interrupted save leaves the last good checkpoint as it was."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def checkpoint_stage(ckpt: dict) -> str | None:
+    """The stage that wrote a checkpoint: its 'stage' entry, or for checkpoints from before that entry, what
+    its keys say (None if they say nothing)."""
+    if "stage" in ckpt:
+        return ckpt["stage"]
+    if "backbone_args" in ckpt:
+        return "segment"
+    if "classes" in ckpt:
+        return "finetune"
+    if "model_args" in ckpt:
+        return "pretrain"
+    return None
+
+
+def load_checkpoint(path: str, stage: str | None = None) -> dict:
+    """Load a checkpoint (weights_only). With `stage`, refuse one written by another stage (e.g. a
+    pre-training ckpt.pt in segment.py's out_dir) with a message naming the file and both stages."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a torn or foreign file: say which file, not only what pickle thought
         raise ValueError(f"cannot read checkpoint {path!r}: {e}") from e
+    found = checkpoint_stage(ckpt) if isinstance(ckpt, dict) else None
+    if stage and found != stage:
+        raise SystemExit(f"{path} is a checkpoint of {found or 'an unknown'} stage, not of {stage}: a run of "
+                         f"{stage}.py cannot resume from it; choose another out_dir (or pass it as init_from)")
+    return ckpt
+
+
+def prepare_out_dir(out_dir: str, is_main: bool = True):
+    """Make out_dir and check, before any training, that this run can write its results there: not read-only,
+    ckpt.pt and best.pt not folders, no other run using it. Returns the run's lock (hold it for the run's life;
+    None on ranks other than 0). A second run in the same out_dir is refused, not queued: it would interleave
+    logs and overwrite the first run's checkpoints. The lock is an flock, released by the system when its
+    holder exits in any way, so a killed run never leaves a stale lock."""
+    if not is_main:
+        return None
+    import fcntl  # Unix only, as torchrun's launcher
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):  # new files can be made there (checkpoints are written so)
+            pass
+        lock = open(os.path.join(out_dir, "run.lock"), "a+")
+    except OSError as e:
+        raise SystemExit(f"out_dir={out_dir!r} is not writable: {e} ({_likely_cause(out_dir, e)})") from None
+    for name in ("ckpt.pt", "best.pt"):
+        if os.path.isdir(os.path.join(out_dir, name)):
+            raise SystemExit(f"{os.path.join(out_dir, name)} is a folder; this run would write its checkpoint "
+                             f"there: remove it or choose another out_dir")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        raise SystemExit(f"out_dir={out_dir!r} is in use by another run (pid {holder}); wait for it to finish, "
+                         f"stop it, or choose another out_dir") from None
+    try:
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        os.fsync(lock.fileno())
+    except OSError as e:
+        raise SystemExit(f"out_dir={out_dir!r} is not writable: {e} ({_likely_cause(out_dir, e)})") from None
+    return lock
 
 
 def weights_digest(state_dict: dict) -> str:
@@ -185,9 +293,34 @@ def set_lr(optimizer, lr: float, weight_decay: float | None = None):
 
 
 # ------------------------------------------------------------------------------------------------------ data
+def load_image(path: str) -> Image.Image:
+    """An image file as 8-bit RGB. 16-bit images (PNG, TIFF) are scaled to 8 bits, not clipped to white as
+    PIL's convert('RGB') does. Raises OSError for unreadable files and Image.DecompressionBombError for
+    enormous ones (more than 2 x Image.MAX_IMAGE_PIXELS)."""
+    with Image.open(path) as image:
+        if image.mode in ("I", "F") or image.mode.startswith("I;16"):  # one channel of 16 (or 32) bits
+            pixels = np.asarray(image, dtype=np.float64)
+            if image.mode == "F" or pixels.max(initial=0) > 65535:
+                raise OSError(f"{image.mode} image with values up to {pixels.max():g}: not a 16-bit image")
+            return Image.fromarray(np.round(pixels / 257).astype(np.uint8)).convert("RGB")
+        return image.convert("RGB")
+
+
+def load_sample(samples: list, index: int):
+    """(image, label) of samples[index], a (path, label) list; an unreadable or enormous image is skipped
+    (the next one is taken) with a warning naming it, rather than killing a long run."""
+    for offset in range(len(samples)):
+        path, label = samples[(index + offset) % len(samples)]
+        try:
+            return load_image(path), label
+        except (OSError, Image.DecompressionBombError) as e:  # OSError: truncated or unreadable files
+            warnings.warn(f"skipping unreadable image {path}: {e}")
+    raise RuntimeError(f"none of the {len(samples)} images is readable, e.g. {samples[0][0] if samples else None}")
+
+
 class ImageFolder(datasets.ImageFolder):
-    """torchvision's ImageFolder with clear errors for a missing or empty folder, and a corrupt image that
-    is skipped with a warning naming its path instead of killing a long run."""
+    """torchvision's ImageFolder with clear errors for a missing or empty folder, images read by load_image
+    (16-bit ones scaled to 8 bits), and an unreadable or enormous image skipped with a warning naming it."""
 
     def __init__(self, root: str, transform=None):
         if not os.path.isdir(root):
@@ -200,13 +333,8 @@ class ImageFolder(datasets.ImageFolder):
                                     f"with extensions {', '.join(IMG_EXTENSIONS)}") from None
 
     def __getitem__(self, index):
-        for offset in range(len(self)):
-            i = (index + offset) % len(self)
-            try:
-                return super().__getitem__(i)
-            except OSError as e:  # PIL raises OSError subclasses for truncated and unreadable files
-                warnings.warn(f"skipping unreadable image {self.samples[i][0]}: {e}")
-        raise RuntimeError(f"no readable image in {self.root!r}")
+        image, label = load_sample(self.samples, index)
+        return (self.transform(image) if self.transform else image), label
 
 
 class ShardSampler(torch.utils.data.Sampler):
@@ -417,7 +545,5 @@ def make_demo_dataset(root: str, n_train: int = 600, n_val: int = 200, size: int
                                                       name + ".png"))
             records.append({"split": split, "file": os.path.relpath(path, root), "shape": DEMO_SHAPES[shape],
                             "texture": DEMO_TEXTURES[texture]})
-    with open(done + ".tmp", "w") as f:
-        json.dump(records, f)
-    os.replace(done + ".tmp", done)  # written last: its presence means the dataset is complete
+    atomic_write(done, lambda f: f.write(json.dumps(records).encode()))  # last: its presence means complete
     return root

@@ -16,7 +16,6 @@ import os
 import sys
 
 import torch
-from PIL import Image
 from torchvision import datasets as tv
 
 import common
@@ -38,6 +37,7 @@ OWN = ("init_from", "datasets", "data_root", "demo_data", "out_dir", "recipe_dir
 NOT_OVERRIDABLE = ("eval_only", "data_dir", "train_split", "val_split")
 FINETUNE_DEFAULTS = {k: v for k, v in settings_of(vars(finetune)).items() if k not in OWN + NOT_OVERRIDABLE}
 globals().update(FINETUNE_DEFAULTS)
+RULES = {k: v for k, v in finetune.RULES.items() if k in FINETUNE_DEFAULTS}  # checked by configure()
 
 
 # ----------------------------------------------------------------------------------------------- datasets
@@ -55,9 +55,7 @@ class Samples(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, i):
-        path, label = self.samples[i]
-        with Image.open(path) as image:
-            return image.convert("RGB"), label
+        return common.load_sample(self.samples, i)  # 16-bit images scaled, unreadable ones skipped with a warning
 
 
 def _require(root: str, name: str, files: list[str], url: str):
@@ -69,9 +67,13 @@ def _require(root: str, name: str, files: list[str], url: str):
             f"The dataset is published at {url} (see README.md, 'Transfer learning', for the layout)")
 
 
-def _read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
+def _read_json(path: str):
+    """A JSON file's content; a truncated or invalid file is named in the error."""
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); is it truncated or of another format?") from None
 
 
 def load_inat(root: str, year: int):
@@ -247,7 +249,7 @@ def recipe(name: str, recipe_dir_: str) -> tuple[dict, str]:
     if not os.path.isfile(path):
         return {}, ""
     try:
-        return parse_args([path], finetune.settings().__dict__), path
+        return parse_args([path], finetune.settings().__dict__, finetune.RULES), path
     except ConfigError as e:
         raise SystemExit(f"recipe {path}: {e}") from None
 
@@ -261,7 +263,16 @@ def dataset_settings(name: str, base: dict, overrides: dict, recipe_dir_: str, o
 
 # ---------------------------------------------------------------------------------------------- results
 def read_results(path: str) -> list[dict]:
-    return _read_json(path)["rows"] if os.path.isfile(path) else []
+    """The rows of an earlier run's results.json ([] if there is none)."""
+    if not os.path.isfile(path):
+        return []
+    try:
+        results = _read_json(path)
+    except ValueError as e:
+        raise SystemExit(f"{e}; move it away to start the table anew") from None
+    if not isinstance(results, dict) or not isinstance(results.get("rows"), list):
+        raise SystemExit(f"{path} holds no 'rows' list: not a results.json of eval_transfer.py; move it away")
+    return results["rows"]
 
 
 def write_results(out: str, rows: list[dict]):
@@ -272,10 +283,7 @@ def write_results(out: str, rows: list[dict]):
         lines.append(f"| {r['dataset']} | {r['top1']:.2f} | {r['top5']:.2f} | {r['best_top1']:.2f} | {r['epochs']} | "
                      f"{r['img_size']} | {r['checkpoint'] or 'random init'} |")
     for name, text in (("results.json", json.dumps({"rows": rows}, indent=1)), ("results.md", "\n".join(lines) + "\n")):
-        path = os.path.join(out, name)
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+        common.atomic_write(os.path.join(out, name), lambda f: f.write(text.encode()))
     return "\n".join(lines)
 
 
@@ -284,6 +292,8 @@ def main(config: dict, given: set):
     base = {k: config[k] for k in (*FINETUNE_DEFAULTS, "init_from", "device")}  # finetune.py settings
     overrides = {k: config[k] for k in given if k in FINETUNE_DEFAULTS}  # what the user set: over each recipe
     names = [n.strip() for n in config["datasets"].split(",") if n.strip()]
+    if not names:
+        raise SystemExit(f"datasets={config['datasets']!r} names no dataset; e.g. --datasets=flowers102,cars")
     for name in names:  # fail before any training on a misspelt name
         if not (name.startswith("folder:") or name in DATASETS or name in DEMO):
             raise SystemExit(unknown_dataset(name))
@@ -300,7 +310,7 @@ def main(config: dict, given: set):
     dist_ = common.Dist(config["device"])
     try:
         if dist_.is_main:
-            os.makedirs(out, exist_ok=True)
+            out_lock = common.prepare_out_dir(out)  # writable, not in use; held while the run lives
             if any(n in DEMO for n in names):
                 common.make_demo_dataset(config["demo_data"])  # once, before other ranks read it
         dist_.barrier()
@@ -333,5 +343,5 @@ def load(name: str, config: dict):
 
 if __name__ == "__main__":
     _defaults = settings_of(globals())
-    _config = configure(globals())
+    _config = configure(globals(), rules=RULES)
     main(_config, set(parse_args(sys.argv[1:], _defaults)))

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 import common
-from configurator import configure, settings_of
+from configurator import Range, at_least, configure, settings_of
 from model import SIZES, VisionTransformer, load_backbone
 
 # ------------------------------------------------------------------------------------------------- settings
@@ -80,6 +80,14 @@ device = "auto"  # auto, cpu, cuda, cuda:1
 compile = False
 max_steps = 0  # stop after this many optimizer steps (0: run all epochs); for smoke tests and benchmarks
 log_interval = 10  # optimizer steps between progress-bar updates (each costs a GPU sync)
+# values configure() refuses beyond a wrong type: each setting's choices or range
+RULES = {"model": tuple(SIZES), "crop_pct": Range(0.01, 1),
+         **dict.fromkeys(("drop_path", "erase_prob", "mixup_switch_prob", "smoothing", "layer_decay"), Range(0, 1)),
+         **dict.fromkeys(("img_size", "patch_size", "epochs", "batch_size", "micro_batch_size", "probe_epochs",
+                          "log_interval"), at_least(1)),
+         **dict.fromkeys(("depth", "layer_scale", "randaug_ops", "mixup", "cutmix", "warmup_epochs", "lr", "min_lr",
+                          "weight_decay", "grad_clip", "probe_warmup_epochs", "probe_lr", "workers", "max_steps"),
+                         at_least(0))}
 
 MEAN_FILL = tuple(round(255 * m) for m in common.IMAGENET_MEAN)  # RandAugment fills with the mean colour
 
@@ -309,8 +317,9 @@ def fit(cfg, train_data, val_data, classes: list, dist_: common.Dist) -> dict:
         optimizer = common.adamw(groups, base_lr, cfg.betas, cfg.eps, dist_.device)
     ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
     step, state = 0, {"best_top1": -1.0, "metrics": {}}
+    out_lock = common.prepare_out_dir(cfg.out_dir, dist_.is_main)  # writable, not in use; held while fit runs
     if os.path.isfile(ckpt_path):
-        ckpt = common.load_checkpoint(ckpt_path)
+        ckpt = common.load_checkpoint(ckpt_path, stage="finetune")
         if ckpt.get("model_args") != args or ckpt.get("probe") != probe:
             raise SystemExit(f"{ckpt_path} holds a run of another model or task ({ckpt.get('model_args')}, "
                              f"probe {ckpt.get('probe')}); choose a new out_dir to start a new run")
@@ -345,7 +354,7 @@ def fit(cfg, train_data, val_data, classes: list, dist_: common.Dist) -> dict:
             common.save_checkpoint({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                                     "epoch": step // steps_per_epoch, "config": vars(cfg).copy(),
                                     "model_args": args, "probe": probe, "classes": list(classes), **state,
-                                    "rng": common.rng_states()}, path)
+                                    "rng": common.rng_states(), "stage": "finetune"}, path)
 
     def end_of_epoch(epoch, step, mean_loss, images_per_s):
         if step % steps_per_epoch:  # stopped by max_steps mid-epoch: evaluate when the epoch is complete
@@ -414,4 +423,4 @@ def main(config: dict):
 
 
 if __name__ == "__main__":
-    main(configure(globals()))
+    main(configure(globals(), rules=RULES))

@@ -18,7 +18,7 @@ import torch
 from torchvision.transforms import v2
 
 import common
-from configurator import configure
+from configurator import Range, at_least, configure
 from model import SIZES, VisionTransformer
 from morph import dtm_loss, sample_schedule
 
@@ -68,6 +68,12 @@ device = "auto"  # auto, cpu, cuda, cuda:1
 compile = False
 max_steps = 0  # stop after this many optimizer steps (0: run all epochs); for smoke tests and benchmarks
 log_interval = 10  # optimizer steps between progress-bar updates (each costs a GPU sync)
+# values configure() refuses beyond a wrong type: each setting's choices or range
+RULES = {"model": tuple(SIZES), "loss": ("smooth_l1", "l2", "cosine"), "drop_path": Range(0, 1),
+         **dict.fromkeys(("img_size", "patch_size", "min_block", "epochs", "batch_size", "micro_batch_size",
+                          "log_interval"), at_least(1)),
+         **dict.fromkeys(("depth", "layer_scale", "num_masked", "num_schedules", "n_max", "k_max", "beta",
+                          "warmup_epochs", "lr", "min_lr", "grad_clip", "workers", "max_steps"), at_least(0))}
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -223,6 +229,13 @@ def model_args(out_dim: int) -> dict:
                 shared_rel_pos=True, block_rel_pos=True, mask_token=True, out_dim=out_dim)
 
 
+def check_masking(grid: int):
+    """Block masking can mask at most the whole grid: more would silently train almost unmasked."""
+    if not num_masked <= grid * grid:
+        raise SystemExit(f"num_masked={num_masked} is more than the {grid * grid} patches of the {grid}x{grid} grid "
+                         f"(img_size={img_size} / patch_size={patch_size}); BEiT masks 75 of 196 (about 40%)")
+
+
 def main(config: dict):
     dist_ = common.Dist(device)
     common.seed_everything(seed + dist_.rank)
@@ -232,6 +245,7 @@ def main(config: dict):
 
     # Data, teacher, student, optimizer.
     grid = img_size // patch_size
+    check_masking(grid)
     try:
         images = common.ImageFolder(data_dir)
     except FileNotFoundError as e:
@@ -252,10 +266,11 @@ def main(config: dict):
     base_lr = lr * math.sqrt(batch_size / 2048)
     optimizer = common.adamw(common.param_groups(student, weight_decay), base_lr, betas, eps, dist_.device)
 
+    out_lock = common.prepare_out_dir(out_dir, dist_.is_main)  # writable, not in use; held while the run lives
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     step = 0
     if os.path.isfile(ckpt_path):
-        ckpt = common.load_checkpoint(ckpt_path)
+        ckpt = common.load_checkpoint(ckpt_path, stage="pretrain")
         if ckpt.get("model_args") != args:
             raise SystemExit(f"{ckpt_path} holds a run of another model ({ckpt.get('model_args')}); "
                              f"choose a new out_dir to start a new run")
@@ -290,7 +305,8 @@ def main(config: dict):
     def save(step):
         if dist_.is_main:
             common.save_checkpoint({"model": student.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                                    "config": config, "model_args": args, "rng": common.rng_states()}, ckpt_path)
+                                    "config": config, "model_args": args, "rng": common.rng_states(),
+                                    "stage": "pretrain"}, ckpt_path)
 
     def end_of_epoch(epoch, step, mean_loss, images_per_s):
         save(step)
@@ -309,4 +325,4 @@ def main(config: dict):
 
 
 if __name__ == "__main__":
-    main(configure(globals()))
+    main(configure(globals(), rules=RULES))

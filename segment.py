@@ -21,7 +21,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 import common
-from configurator import configure
+from configurator import Range, at_least, configure
 from model import SIZES, UperNetSegmenter, VisionTransformer, checkpoint_model_args, default_out_indices, \
     load_backbone
 
@@ -73,6 +73,14 @@ device = "auto"  # auto, cpu, cuda, cuda:1
 compile = False
 max_iters = 0  # stop after this many iterations (0: run all); for smoke tests and benchmarks
 log_interval = 50  # iterations between log lines (each costs a GPU sync)
+# values configure() refuses beyond a wrong type: each setting's choices or range
+RULES = {"model": tuple(SIZES),
+         **dict.fromkeys(("drop_path", "dropout", "cat_max_ratio", "layer_decay"), Range(0, 1)),
+         **dict.fromkeys(("patch_size", "num_classes", "channels", "aux_channels", "crop_size", "eval_stride", "iters",
+                          "batch_size", "micro_batch_size", "eval_interval", "ckpt_interval", "log_interval"),
+                         at_least(1)),
+         **dict.fromkeys(("depth", "aux_weight", "warmup_iters", "lr", "min_lr", "power", "grad_clip", "workers",
+                          "max_iters"), at_least(0))}
 
 IGNORE = 255
 WARMUP_RATIO = 1e-6  # mmcv's linear warmup starts at this fraction of the lr
@@ -479,9 +487,10 @@ def main(config: dict):
     except FileNotFoundError as e:
         raise SystemExit(f"data error: {e}") from e
     ckpt_path, best_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "best.pt")
+    out_lock = common.prepare_out_dir(out_dir, dist_.is_main)  # writable, not in use; held while the run lives
 
     # Model: a resumed run's own checkpoint wins over init_from.
-    resume = common.load_checkpoint(ckpt_path) if os.path.isfile(ckpt_path) and not (eval_only and init_from) else None
+    resume = common.load_checkpoint(ckpt_path, stage="segment") if os.path.isfile(ckpt_path) and not (eval_only and init_from) else None
     segmenter, backbone_args, head_args = build_segmenter(dist_) if resume is None else build_from(resume, dist_)
     segmenter = segmenter.to(dist_.device)
     if eval_only:
@@ -534,7 +543,7 @@ def main(config: dict):
             common.save_checkpoint({"model": segmenter.state_dict(), "optimizer": optimizer.state_dict(),
                                     "step": step, "best_miou": best_miou, "config": config,
                                     "backbone_args": backbone_args, "head_args": head_args,
-                                    "rng": common.rng_states()}, ckpt_path)
+                                    "rng": common.rng_states(), "stage": "segment"}, ckpt_path)
 
     def run_eval(step):
         nonlocal best_miou, result
@@ -546,7 +555,7 @@ def main(config: dict):
             if result["mIoU"] > best_miou:
                 common.save_checkpoint({"model": segmenter.state_dict(), "step": step, "mIoU": result["mIoU"],
                                         "config": config, "backbone_args": backbone_args,
-                                        "head_args": head_args}, best_path)
+                                        "head_args": head_args, "stage": "segment"}, best_path)
         best_miou = max(best_miou, result["mIoU"])
 
     def after_step(step, mean_loss):
@@ -594,4 +603,4 @@ def build_from(ckpt: dict, dist_: common.Dist):
 
 
 if __name__ == "__main__":
-    main(configure(globals()))
+    main(configure(globals(), rules=RULES))

@@ -1,7 +1,7 @@
 """Draw the token groups that DTM's matching finds on a teacher's tokens: the picture in README.md.
 
     python show_morph.py                                      # generated demo image, random ViT-B/16 teacher
-    python show_morph.py --image=photo.jpg --out=morph.png --tokens="(196, 98, 49, 16)"
+    python show_morph.py --image=photo.jpg --out=morph.png --tokens="[196, 98, 49, 16]"
     python show_morph.py --teacher=out/pretrain_demo/ckpt.pt  # a checkpoint of this project as the teacher
     python show_morph.py --teacher=out/cifar/teacher/ckpt.pt --image=../shared/data/cifar10/test \
         --tokens="(32, 16, 8, 4)" --display_size=128 --out=out/cifar/morph.png  # trained teacher, real images
@@ -36,7 +36,7 @@ out = "docs/morph.png"
 teacher = "ViT-B-16-quickgelu"  # an open_clip model name, or a checkpoint of this project
 teacher_pretrained = ""  # open_clip weights (a tag or a local file); '' = random init
 teacher_overrides = {}
-tokens = (196, 98, 49, 16)  # numbers of remaining tokens, one panel each
+tokens = [196, 98, 49, 16]  # numbers of remaining tokens, one panel each
 rounds = 4  # matching rounds per schedule
 alpha = 0.45  # opacity of the colours
 seed = 0

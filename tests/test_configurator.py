@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from configurator import ConfigError, configure, parse_args
@@ -75,4 +77,126 @@ def test_every_config_file_fits_its_script():
         stage = os.path.basename(path).split("_")[0]
         assert stage in scripts, f"{path}: config files are named <stage>_<name>.py, stage one of {list(scripts)}"
         defaults = settings_of(vars(importlib.import_module(scripts[stage])))
-        assert parse_args([path], defaults), f"{path} changes nothing"
+        assert parse_args([path], defaults, importlib.import_module(scripts[stage]).RULES), f"{path} changes nothing"
+
+
+# ------------------------------------------------------------------------- typed values, rules, --help
+def test_none_is_refused_for_a_typed_default_and_taken_where_the_default_is_none():
+    for arg in ("--epochs=None", "--model=None", "--betas=None"):
+        with pytest.raises(ConfigError, match=rf"{arg[2:].split('=')[0]}: expected .* got None"):
+            parse_args([arg], DEFAULTS)
+    assert parse_args(["--max_norm=None"], DEFAULTS) == {"max_norm": None}
+
+
+def test_tuples_keep_their_length_and_element_types_lists_any_length():
+    with pytest.raises(ConfigError, match=r"betas: expected 2 values.*got 1: \(0.9,\)"):
+        parse_args(["--betas=(0.9,)"], DEFAULTS)
+    with pytest.raises(ConfigError, match=r"betas\[1\]: expected float.*str 'x'"):
+        parse_args(["--betas=(0.9, 'x')"], DEFAULTS)
+    assert parse_args(["--betas=[1, 0.5]"], DEFAULTS) == {"betas": (1.0, 0.5)}  # ints become floats here too
+    defaults = {"out_indices": [], "tokens": [196, 98]}
+    assert parse_args(["--out_indices=[3, 5, 7, 11]", "--tokens=(16, 8, 3)"], defaults) == \
+        {"out_indices": [3, 5, 7, 11], "tokens": [16, 8, 3]}
+
+
+def test_non_finite_floats_are_refused():
+    for text in ("1e999", "-1e999"):
+        with pytest.raises(ConfigError, match=r"lr: -?inf from --lr=.* not a finite number"):
+            parse_args([f"--lr={text}"], DEFAULTS)
+    with pytest.raises(ConfigError, match=r"betas\[0\]: inf"):
+        parse_args(["--betas=(1e999, 0.9)"], DEFAULTS)
+
+
+def test_rules_refuse_values_outside_choices_and_ranges_from_files_and_flags(tmp_path):
+    from configurator import Range, at_least
+    rules = {"model": ("tiny", "base"), "epochs": at_least(1), "lr": Range(0, 1)}
+    with pytest.raises(ConfigError, match=r"model='huge' .* must be one of 'tiny', 'base'"):
+        parse_args(["--model=huge"], DEFAULTS, rules)
+    with pytest.raises(ConfigError, match=r"epochs=0 .* must be at least 1"):
+        parse_args(["--epochs=0"], DEFAULTS, rules)
+    cfg = tmp_path / "run.py"
+    cfg.write_text("lr = 2\n")
+    with pytest.raises(ConfigError, match=r"lr=2.0 from config file .*run.py is not allowed: lr must be between 0 and 1"):
+        parse_args([str(cfg)], DEFAULTS, rules)
+    assert parse_args(["--model=tiny", "--epochs=1", "--lr=1"], DEFAULTS, rules) == \
+        {"model": "tiny", "epochs": 1, "lr": 1.0}
+
+
+SCRIPTS = ("pretrain", "finetune", "segment", "eval_transfer", "bench", "show_morph")
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help_lists_every_setting_with_its_default_and_source_comment(name, capsys):
+    """Compared with a plain regex reading of the source (eval_transfer.py takes finetune.py's settings)."""
+    import importlib
+    import os
+    import re
+
+    from configurator import settings_of
+    module = importlib.import_module(name)
+    comments = {}
+    for source in ("finetune", name) if name == "eval_transfer" else (name,):
+        with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), f"{source}.py")) as f:
+            comments.update(re.findall(r"^(\w+) = .*?  # (.*)$", f.read(), flags=re.M))
+    namespace = dict(vars(module))
+    with pytest.raises(SystemExit) as e:
+        configure(namespace, ["--epochs=None", "--help"], getattr(module, "RULES", None))
+    assert e.value.code == 0  # --help wins over everything else on the line
+    lines = capsys.readouterr().out.splitlines()
+    settings = settings_of(vars(module))
+    assert len(settings) >= 10 and lines[0] == f"usage: python {name}.py [config_file.py ...] [--key=value ...]"
+    for key, default in settings.items():
+        line = next((l for l in lines if l.startswith(f"  --{key}=")), None)
+        assert line is not None, f"{name}.py --help lacks {key}"
+        assert line.startswith(f"  --{key}={default!r}")
+        if key in comments:
+            assert comments[key] in line
+    if name == "pretrain":
+        assert "  --model='base'  tiny, small, base, large [one of 'tiny', 'small', 'base', 'large']" in lines
+        assert "  # masking (BEiT block-wise)" in lines
+
+
+def test_help_from_the_command_line():
+    from conftest import run_script
+    proc = run_script(["segment.py", "-h"], timeout=120)
+    assert "  --crop_size=512  training crop = backbone input = sliding window at evaluation [at least 1]" in \
+        proc.stdout.splitlines()
+
+
+def test_every_script_passes_its_rules_and_every_default_obeys_them():
+    import importlib
+    import os
+    for name in SCRIPTS:
+        module = importlib.import_module(name)
+        rules = getattr(module, "RULES", {})
+        assert name == "show_morph" or "model" in rules
+        for key, allowed in rules.items():
+            assert getattr(module, key) in allowed, f"{name}.{key}"
+        with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), f"{name}.py")) as f:
+            assert name == "show_morph" or "configure(globals(), rules=RULES)" in f.read()
+
+
+@pytest.mark.parametrize("name, arg, message", [
+    ("pretrain", "--micro_batch_size=0", "micro_batch_size=0 from --micro_batch_size=0 is not allowed"),
+    ("pretrain", "--epochs=None", "epochs: expected int (default 300), got None"),
+    ("pretrain", "--batch_size=None", "batch_size: expected int (default 2048), got None"),
+    ("finetune", "--betas=(0.9,)", "betas: expected 2 values like the default (0.9, 0.999), got 1"),
+    ("segment", "--model=huge", "model must be one of 'tiny', 'small', 'base', 'large'"),
+    ("bench", "--lr=1e999", "lr: inf from --lr=1e999 is not a finite number"),
+])
+def test_the_reported_bad_settings_are_refused_naming_the_setting(name, arg, message):
+    import importlib
+    module = importlib.import_module(name)
+    with pytest.raises(SystemExit, match=r"config error: .*" + re.escape(message)):
+        configure(dict(vars(module)), [arg], module.RULES)
+
+
+@pytest.mark.parametrize("script, arg, message", [
+    ("pretrain.py", "--micro_batch_size=0", "micro_batch_size must be at least 1"),
+    ("eval_transfer.py", "--model=huge", "model must be one of 'tiny', 'small', 'base', 'large'"),
+])
+def test_scripts_refuse_bad_settings_before_any_work(script, arg, message):
+    from conftest import run_script
+    proc = run_script([script, arg], timeout=120, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("config error: ") and message in proc.stderr

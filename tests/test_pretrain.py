@@ -71,7 +71,7 @@ def test_torchrun_two_processes_on_gloo(demo_root, tmp_path):
     digests = {line.split()[1]: line.split()[-1] for line in proc.stdout.splitlines() if "weights sha256" in line}
     assert set(digests) == {"0:", "1:"}
     assert digests["0:"] == digests["1:"]  # both replicas ended with bit-identical weights
-    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "log.jsonl"]  # rank 0 alone writes
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "log.jsonl", "run.lock"]  # rank 0 alone writes
     assert len(read_log(tmp_path)) == 1
     assert digest_of(tmp_path / "ckpt.pt") == digests["0:"]
     assert proc.stdout.count("configuration:") == 1  # printed once
@@ -89,9 +89,14 @@ def good_run(good_checkpoint, tmp_path):
     """An out_dir with a good checkpoint, and a check that the test's failed run left it untouched."""
     out = tmp_path / "out"
     shutil.copytree(good_checkpoint, out)
-    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    before = results_in(out)
     yield out
-    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    assert results_in(out) == before
+
+
+def results_in(out_dir):
+    """The bytes of every file in out_dir except run.lock (which holds the pid of the latest run)."""
+    return {name: (out_dir / name).read_bytes() for name in os.listdir(out_dir) if name != "run.lock"}
 
 
 def test_missing_and_empty_data_dir_are_clear_errors(demo_root, good_run, tmp_path):
