@@ -80,7 +80,9 @@ def matching_round(gram: torch.Tensor, length: torch.Tensor, group: torch.Tensor
     best, partner = cos.masked_fill_(~live[:, None, 1::2], -math.inf).max(dim=-1)  # ties: the first B
     best = (best / norm[:, 0::2]).masked_fill_(~live[:, 0::2], -math.inf)
     by_score = best.argsort(dim=-1, descending=True, stable=True)
-    merged = by_score.argsort(dim=-1) < r[:, None]  # rank below r
+    merged = by_score.argsort(dim=-1) < r[:, None]  # the r best-scoring A tokens (ties: the first)
+    # Where each position lands in the next sequence: the unmerged A tokens in order, then the B tokens in
+    # order; a merged A token lands on its partner. Empty slots stay where they are.
     kept = live[:, 0::2] & ~merged
     n_kept = kept.sum(dim=-1, keepdim=True)
     new_pos = torch.empty_like(group)

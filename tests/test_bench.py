@@ -92,7 +92,8 @@ def test_bench_runs_end_to_end_and_prints_every_figure():
     out = run_script(TINY_BENCH, timeout=300).stdout
     elapsed = time.time() - start
     for figure in ("DTM step", "token-wise step", "images/s", "DTM overhead:", "loss alone", "peak RSS",
-                   "TFLOP per step", "MFU: GPU only", "speed-up of dtm_loss over the dense formulation", "compiled graphs",
+                   "TFLOP per step", "MFU: GPU only", "speed-up of dtm_loss over the dense formulation",
+                   "compiled graphs",
                    "ours (model.py)", "timm Beit", "ours / timm time", "bench done"):
         assert figure in out, f"{figure!r} missing from:\n{out}"
     assert elapsed < 60, f"bench.py took {elapsed:.0f} s at a tiny size"
