@@ -5,7 +5,8 @@
    images per second, peak memory, FLOPs (counted analytically) and, on GPU, the model FLOPs utilisation;
    the DTM overhead is the ratio of the two medians;
 2. dtm_loss forward and backward against the dense formulation of the official release (N'xN source
-   matrices tracked over the rounds, morphing with two matmuls), worst case n = 196, k = 14;
+   matrices tracked over the rounds, morphing with two matmuls), worst case n = 196, k = 14; with --compile
+   also torch.compile(dtm_loss, fullgraph=True): its compile time, its graphs, and that new schedules add none;
 3. our ViT's forward and backward against timm's BEiT of identical size (when timm is importable).
 
     python bench.py --threads=2                                         # ViT-S/16 student, ViT-B/16 teacher, 224 px, batch 16
@@ -29,7 +30,7 @@ import common
 import pretrain
 from configurator import at_least, configure
 from model import SIZES, VisionTransformer
-from morph import _wide, dtm_loss, sample_schedule
+from morph import _wide, dtm_loss, sample_schedule, schedule_tensor
 
 # ------------------------------------------------------------------------------------------------- settings
 parts = "step,loss,vit"  # which benchmarks to run, comma-separated
@@ -196,7 +197,7 @@ def bench_step(dev: torch.device):
     student = VisionTransformer(**pretrain.model_args(teacher_net.out_dim)).to(dev)
     optimizer = common.adamw(common.param_groups(student, weight_decay), lr, (0.9, 0.98), 1e-8, dev)
     net = torch.compile(student) if compile else student
-    loss_fn = torch.compile(dtm_loss) if compile else dtm_loss
+    loss_fn = torch.compile(dtm_loss, fullgraph=True) if compile else dtm_loss
 
     gen = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (batch_size, 3, img_size, img_size), dtype=torch.uint8, generator=gen).to(dev)
@@ -205,7 +206,9 @@ def bench_step(dev: torch.device):
     masking = pretrain.BlockMasking(grid, num_masked, min_block)
     masks = torch.stack([masking() for _ in range(batch_size)]).to(dev)
     rng = random.Random(seed)
-    draws = [[sample_schedule(n_max, k_max, rng) for _ in range(num_schedules)] for _ in range(warmup + iters)]
+    draws = [schedule_tensor([sample_schedule(n_max, k_max, rng) for _ in range(num_schedules)], dev)
+             for _ in range(warmup + iters)]
+    token_wise = schedule_tensor([], dev)
     calls = {"dtm": 0}
 
     def step(schedules):
@@ -227,13 +230,13 @@ def bench_step(dev: torch.device):
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    times = time_interleaved({"DTM": dtm_step, "token-wise": lambda: step([])}, dev)
+    times = time_interleaved({"DTM": dtm_step, "token-wise": lambda: step(token_wise)}, dev)
     dtm_ms, base_ms = statistics.median(times["DTM"]), statistics.median(times["token-wise"])
     # Each DTM step and its token-wise neighbour ran back to back: their ratio cancels slow drifts of load.
     paired = statistics.median(d / b for d, b in zip(times["DTM"], times["token-wise"]))
 
     # The loss alone, on this step's tensors: the DTM cost without the noise of the whole step.
-    pred, targets = step([])
+    pred, targets = step(token_wise)
     pred.requires_grad_(True)
     loss_calls = {"dtm": 0}
 
@@ -246,7 +249,7 @@ def bench_step(dev: torch.device):
     def dtm_loss_only():
         loss_only(draws[loss_calls["dtm"] % len(draws)])
         loss_calls["dtm"] += 1
-    loss_times = time_interleaved({"DTM": dtm_loss_only, "token-wise": lambda: loss_only([])}, dev)
+    loss_times = time_interleaved({"DTM": dtm_loss_only, "token-wise": lambda: loss_only(token_wise)}, dev)
     extra = statistics.median(loss_times["DTM"]) - statistics.median(loss_times["token-wise"])
 
     # Analytic FLOPs: teacher forward, student forward and backward (3x forward).
@@ -261,7 +264,7 @@ def bench_step(dev: torch.device):
     achieved = flops / (dtm_ms / 1e3)
     mfu = f"MFU {100 * achieved / peak_flops:.1f}% of {peak_flops / 1e12:.0f} TFLOP/s" if dev.type == "cuda" \
         else "MFU: GPU only"
-    schedules_seen = ", ".join(str(s) for s in draws[:3])
+    schedules_seen = ", ".join(str(s.tolist()) for s in draws[:3])
     print(f"\n[step] student ViT-{model}/{patch_size} (depth {len(student.blocks)}), teacher {teacher} "
           f"(random init), {img_size} px, batch {batch_size}, compile {compile}, loss {loss}, "
           f"L={num_schedules}, n_max={n_max}, k_max={k_max} (schedules drawn per step: {schedules_seen}, ...)")
@@ -276,6 +279,29 @@ def bench_step(dev: torch.device):
     print(f"  {flops / 1e12:.3f} TFLOP per step (analytic), {achieved / 1e12:.3f} TFLOP/s, {mfu}")
 
 
+def compile_dtm_loss(pred, target, dev):
+    """torch.compile(dtm_loss, fullgraph=True): the compiled function, the graphs compiled and the seconds taken
+    by its first call (forward + backward), and the graphs that 10 more calls with new random schedules add."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(dtm_loss, fullgraph=True)
+    rng = random.Random(seed)
+
+    def call():
+        schedules = schedule_tensor([sample_schedule(loss_tokens, loss_k, rng) for _ in range(2)], dev)
+        compiled(pred, target, schedules, loss, beta).backward()
+        pred.grad = None
+    sync(dev)
+    t0 = time.perf_counter()
+    call()
+    sync(dev)
+    seconds, graphs = time.perf_counter() - t0, counters["stats"]["unique_graphs"]
+    for _ in range(10):
+        call()
+    return compiled, graphs, seconds, counters["stats"]["unique_graphs"] - graphs
+
+
 def bench_loss(dev: torch.device):
     r = math.ceil(loss_n / loss_k)
     if r * loss_k > loss_n:
@@ -286,19 +312,31 @@ def bench_loss(dev: torch.device):
     target = torch.randn(loss_batch, loss_tokens, loss_dim, generator=gen).to(dev)
     values = {}
 
-    def run(fn, name):
+    def run(fn, name, schedules):
         def go():
             values[name] = fn(pred, target, schedules, loss, beta)
             values[name].backward()
             pred.grad = None
         return go
-    times = time_interleaved({"dtm_loss": run(dtm_loss, "dtm_loss"), "dense": run(dense_dtm_loss, "dense")}, dev)
+    variants = {"dtm_loss": run(dtm_loss, "dtm_loss", schedule_tensor(schedules, dev)),
+                "dense": run(dense_dtm_loss, "dense", schedules)}
+    if compile:
+        compiled, graphs, seconds, new_graphs = compile_dtm_loss(pred, target, dev)
+        variants["compiled"] = run(compiled, "compiled", schedule_tensor(schedules, dev))
+    times = time_interleaved(variants, dev)
     ours, dense = statistics.median(times["dtm_loss"]), statistics.median(times["dense"])
     print(f"\n[loss] dtm_loss forward + backward, B={loss_batch}, N={loss_tokens}, D={loss_dim}, L=2, "
           f"n={loss_n}, k={loss_k} (schedule {r} x {loss_k} rounds), fp32")
     print(f"  dtm_loss (morph.py)            {fmt(times['dtm_loss'])}")
     print(f"  dense (source matrices, bmm)   {fmt(times['dense'])}")
     print(f"  speed-up of dtm_loss over the dense formulation: {dense / ours:.2f}x")
+    if compile:
+        print(f"  torch.compile(dtm_loss, fullgraph=True) {fmt(times['compiled'])}: "
+              f"{dense / statistics.median(times['compiled']):.2f}x the dense formulation")
+        print(f"  compiled graphs: {graphs}, compile time of dtm_loss {seconds:.1f} s (first call, forward + "
+              f"backward); 10 new random schedules compiled {new_graphs} more graphs")
+    else:
+        print("  compiled graphs and compile time of dtm_loss: not measured (run with --compile)")
     print(f"  loss values: dtm_loss {values['dtm_loss'].item():.6f}, dense {values['dense'].item():.6f} "
           f"(fp32: near-ties in the matching may differ; tests/test_bench.py checks equality in fp64)")
 

@@ -20,7 +20,7 @@ from torchvision.transforms import v2
 import common
 from configurator import Range, at_least, configure
 from model import SIZES, VisionTransformer
-from morph import dtm_loss, sample_schedule
+from morph import dtm_loss, sample_schedule, schedule_tensor
 
 # ------------------------------------------------------------------------------------------------- settings
 # I/O
@@ -289,7 +289,8 @@ def main(config: dict):
     def loss_of(batch, step, micro):
         images, masks = batch
         rng.seed(f"{seed}-{dist_.rank}-{step}-{micro % accum}")  # schedules per GPU, a function of the position
-        schedules = [sample_schedule(n_max, k_max, rng) for _ in range(num_schedules)] if dtm else []
+        schedules = schedule_tensor([sample_schedule(n_max, k_max, rng) for _ in range(num_schedules)] if dtm else [],
+                                    dist_.device)
         with torch.no_grad():
             targets = teacher_net(images).float()
         pred = model(normalize(images, common.IMAGENET_MEAN, common.IMAGENET_STD), masks)

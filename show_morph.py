@@ -26,7 +26,7 @@ from torchvision.utils import draw_segmentation_masks, make_grid
 import common
 import pretrain
 from configurator import configure
-from morph import morph_groups
+from morph import morph_groups, schedule_tensor
 
 # ------------------------------------------------------------------------------------------------- settings
 image = ""  # an image file, or an ImageFolder (one row per class: its first image); '' = a generated image
@@ -146,7 +146,7 @@ def main():
             if not 1 <= m <= n:
                 raise SystemExit(f"tokens: {m} is not between 1 and the teacher's {n} tokens")
             schedule = schedule_to(n, m, rounds)
-            groups = morph_groups(target, schedule)[0].cpu()
+            groups = morph_groups(target, schedule_tensor([schedule], dev))[0, 0].cpu()
             assert groups.unique().numel() == m, (m, schedule)
             panels.append(labelled(draw_groups(img, groups, grid, rng), f"{m} tokens"))
             if row == 0:

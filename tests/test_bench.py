@@ -12,7 +12,7 @@ import bench
 import show_morph
 from conftest import run_script
 from model import VisionTransformer
-from morph import dtm_loss, morph_groups
+from morph import dtm_loss, morph_groups, schedule_tensor
 
 # A small open_clip teacher: 32 px, patch 8 (16 tokens), one block.
 TINY_TEACHER = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1,
@@ -27,12 +27,12 @@ def test_dense_sources_on_a_hand_worked_example():
     tokens = torch.tensor([[[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.5, 1.0]]], dtype=torch.float64)
     expected = torch.tensor([[[0, 0, 1, 0], [1, 1, 0, 0], [0, 0, 0, 1]]], dtype=torch.float64)
     assert torch.equal(bench.dense_sources(tokens, [1]), expected)
-    assert morph_groups(tokens, [1]).tolist() == [[1, 1, 0, 2]]
+    assert morph_groups(tokens, schedule_tensor([[1]])).tolist() == [[[1, 1, 0, 2]]]
     # l2 with pred = 0: the mean over tokens and channels of the squared group means.
     means = torch.tensor([[1.0, 0.05], [1.0, 0.05], [0.0, 1.0], [0.5, 1.0]], dtype=torch.float64)
     pred = torch.zeros_like(tokens)
-    for loss_fn in (bench.dense_dtm_loss, dtm_loss):
-        assert loss_fn(pred, tokens, [[1]], "l2").item() == pytest.approx((means ** 2).mean().item(), abs=1e-15)
+    for loss_fn, schedules in ((bench.dense_dtm_loss, [[1]]), (dtm_loss, schedule_tensor([[1]]))):
+        assert loss_fn(pred, tokens, schedules, "l2").item() == pytest.approx((means ** 2).mean().item(), abs=1e-15)
 
 
 CASES = [
@@ -52,14 +52,15 @@ def test_dense_formulation_equals_dtm_loss(B, N, D, schedules, loss):
     target = torch.randn(B, N, D, dtype=torch.float64) * 2
     pred = (target + torch.randn(B, N, D, dtype=torch.float64)).requires_grad_(True)
     values, grads = [], []
-    for fn in (dtm_loss, bench.dense_dtm_loss):
-        value = fn(pred, target, schedules, loss, 2.0)
+    for fn, arg in ((dtm_loss, schedule_tensor(schedules)), (bench.dense_dtm_loss, schedules)):
+        value = fn(pred, target, arg, loss, 2.0)
         grads.append(torch.autograd.grad(value, pred)[0])
         values.append(value.item())
     assert values[0] == pytest.approx(values[1], rel=1e-12, abs=1e-14)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-14)
     for schedule in schedules:  # the same groups: token i belongs to source row groups[i]
-        assert torch.equal(bench.dense_sources(target, schedule).argmax(dim=1), morph_groups(target, schedule))
+        groups = morph_groups(target, schedule_tensor([schedule]))[0]
+        assert torch.equal(bench.dense_sources(target, schedule).argmax(dim=1), groups)
 
 
 def test_dense_morph_is_the_group_mean():
@@ -92,6 +93,7 @@ def test_bench_runs_end_to_end_and_prints_every_figure():
     elapsed = time.time() - start
     for figure in ("DTM step", "token-wise step", "images/s", "DTM overhead:", "loss alone", "peak RSS",
                    "TFLOP per step", "MFU: GPU only", "speed-up of dtm_loss over the dense formulation",
+                   "compiled graphs",
                    "ours (model.py)", "timm Beit", "ours / timm time", "bench done"):
         assert figure in out, f"{figure!r} missing from:\n{out}"
     assert elapsed < 60, f"bench.py took {elapsed:.0f} s at a tiny size"

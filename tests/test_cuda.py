@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import common
 from model import VisionTransformer
-from morph import dtm_loss, sample_schedule
+from morph import dtm_loss, sample_schedule, schedule_tensor
 
 pytestmark = pytest.mark.cuda
 DEV = torch.device("cuda")  # a module setting, so the same tests can be tried on another device by hand
@@ -45,7 +45,7 @@ def forward_backward(net, images, mask, target, schedules, bf16):
     net.zero_grad(set_to_none=True)
     with torch.autocast(DEV.type, dtype=torch.bfloat16, enabled=bf16):
         pred = net(images, mask)
-        loss = dtm_loss(pred, target, schedules)
+        loss = dtm_loss(pred, target, schedule_tensor(schedules, DEV))
     loss.backward()
     return pred, loss, grads(net)
 
@@ -78,18 +78,19 @@ def test_compiled_student_matches_eager(no_tf32):
 
 
 def test_compiled_dtm_loss_matches_eager_and_stops_compiling():
-    """torch.compile(dtm_loss), as pretrain.py uses it: same values and gradients as eager, and after a few
-    compilations (token-wise and merging schedules, a second group count) new schedules compile nothing."""
+    """torch.compile(dtm_loss, fullgraph=True) with Inductor, as pretrain.py uses it: same values and gradients as
+    eager, one graph for the merging schedules (and one for token-wise), and new schedules compile nothing."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
-    compiled = torch.compile(dtm_loss)
+    compiled = torch.compile(dtm_loss, fullgraph=True)
     gen = torch.Generator().manual_seed(2)
     pred = torch.randn(16, 196, 512, generator=gen).to(DEV).requires_grad_(True)
     target = torch.randn(16, 196, 512, generator=gen).to(DEV)
     rng = random.Random(0)
 
     def check(schedules):
+        schedules = schedule_tensor(schedules, DEV)
         value_c = compiled(pred, target, schedules)
         grad_c, = torch.autograd.grad(value_c, pred)
         value = dtm_loss(pred, target, schedules)
@@ -97,13 +98,29 @@ def test_compiled_dtm_loss_matches_eager_and_stops_compiling():
         torch.testing.assert_close(value_c, value, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(grad_c, grad, rtol=1e-4, atol=1e-9)
 
-    for schedules in ([], [[14] * 14, [7] * 3], [[20] * 5, [1] * 9], [[0], [5] * 3], [[6] * 6, [0]]):
+    check([])
+    for schedules in ([[14] * 14, [7] * 3 + [0] * 11], [[20] * 5 + [0] * 9, [1] * 9 + [0] * 5]):
         check(schedules)
     graphs = counters["stats"]["unique_graphs"]
-    for _ in range(8):
+    for _ in range(10):
         check([sample_schedule(196, 14, rng) for _ in range(2)])
     assert counters["stats"]["unique_graphs"] == graphs, "new schedules compiled new graphs"
-    assert graphs <= 6
+    assert graphs == 2  # token-wise, and every [2, 14] schedule
+
+
+def test_dtm_loss_never_waits_for_the_gpu():
+    """No host synchronisation in dtm_loss (no .item(), no data-dependent shape): CUDA graphs can capture it."""
+    gen = torch.Generator().manual_seed(3)
+    pred = torch.randn(8, 196, 64, generator=gen).to(DEV).requires_grad_(True)
+    target = torch.randn(8, 196, 64, generator=gen).to(DEV)
+    schedules = schedule_tensor([sample_schedule(196, 14, random.Random(s)) for s in range(2)], DEV)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        dtm_loss(pred, target, schedules).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(pred.grad).all()
 
 
 def test_fused_adamw_step_matches_reference():
