@@ -180,7 +180,8 @@ def test_out_indices_and_layer_decay_keep_head_at_scale_one():
         assert scales[name] == 1.0, name
     assert decays["decode_head.fpn_bottleneck.0.weight"] == 0.05
     assert decays["decode_head.fpn_bottleneck.1.weight"] == 0.0  # BatchNorm
-    assert decays["backbone.blocks.0.attn.rel_pos.table"] == 0.0
+    assert decays["backbone.blocks.0.attn.rel_pos.table"] == 0.05  # 2-D: decayed, as the official rule
+    assert decays["backbone.cls_token"] == 0.0
     assert not any(n.startswith("backbone.norm") for n in scales)  # features are taken before the final norm
 
 
