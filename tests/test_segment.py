@@ -257,7 +257,7 @@ def test_missing_data_dir_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="does not exist; expected the ADE20K layout"):
         segment.find_root(str(tmp_path / "nowhere"))
     # The script stops with that message (no traceback) before creating anything.
-    for key, value in dict(data_dir=str(tmp_path / "nowhere"), demo_data="", device="cpu",
+    for key, value in dict(data_dir=str(tmp_path / "nowhere"), demo_data="", device="cpu", micro_batch_size=16,
                            out_dir=str(tmp_path / "out")).items():
         monkeypatch.setattr(segment, key, value)
     with pytest.raises(SystemExit, match="nowhere' does not exist; expected the ADE20K layout"):
