@@ -252,14 +252,26 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 # ------------------------------------------------------------------------------------- optimizer, schedules
+NO_WEIGHT_DECAY = ("pos_embed", "cls_token")  # the official models' no_weight_decay() set
+
+
+def decays(name: str, p: torch.Tensor) -> bool:
+    """The official optimizer's rule (BEiT v2 / DTM optim_factory): weight decay on every parameter with 2 or
+    more dimensions except pos_embed and cls_token, so the mask token and the relative position tables are
+    decayed; never on biases and 1-D parameters (norms, LayerScale). A `backbone.` prefix (the segmenter) is
+    looked through, so the class token stays exempt there too."""
+    exempt = name.removeprefix("backbone.") in NO_WEIGHT_DECAY
+    return p.ndim > 1 and not name.endswith(".bias") and not exempt
+
+
 def param_groups(model, weight_decay: float, layer_decay: float = 1.0, num_layers: int | None = None):
-    """AdamW parameter groups. No weight decay on biases, norms, LayerScale, tokens and position tables;
-    with layer_decay < 1, each parameter's lr is scaled by layer_decay ** (num_layers + 1 - layer_id)."""
+    """AdamW parameter groups, weight decay where `decays` says; with layer_decay < 1, each parameter's lr is
+    scaled by layer_decay ** (num_layers + 1 - layer_id)."""
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = p.ndim <= 1 or name.endswith((".bias", "token", "pos_embed", "rel_pos.table"))
+        no_decay = not decays(name, p)
         layer = model.layer_id(name) if hasattr(model, "layer_id") else 0
         scale = layer_decay ** (num_layers + 1 - layer) if layer_decay != 1.0 else 1.0
         key = (layer if layer_decay != 1.0 else 0, no_decay)
@@ -278,9 +290,11 @@ def adamw(groups, lr, betas, eps=1e-8, device=torch.device("cpu")):
 
 
 def cosine_schedule(step: int, total: int, warmup: int, base: float, final: float) -> float:
-    """Linear warmup from 0 to `base` over `warmup` steps, then a cosine to `final` at `total` steps."""
+    """The official cosine_scheduler (BEiT v2 / DTM utils.py): a warmup of `warmup` steps that goes linearly
+    from 0 to `base` inclusive (np.linspace(0, base, warmup): the peak is reached at step warmup - 1), then a
+    cosine from `base` at step `warmup` to `final` at `total` steps."""
     if step < warmup:
-        return base * step / warmup
+        return base * step / (warmup - 1) if warmup > 1 else 0.0  # linspace of one point is its start
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return final + 0.5 * (base - final) * (1 + math.cos(math.pi * progress))
 

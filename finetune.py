@@ -43,7 +43,7 @@ depth = 0  # 0: the size's own depth
 layer_scale = 0.0  # LayerScale init for random init; 0: the size's own. Loaded checkpoints bring their own.
 abs_pos = False
 drop_path = 0.1
-init_scale = 0.001  # the new head's trunc-normal(0.02) weights are scaled by this (BEiT)
+init_scale = 0.001  # the new head's normal(0.02) weights are scaled by this (BEiT): std 2e-5
 # augmentation (timm/BEiT names in brackets)
 crop_scale = (0.08, 1.0)  # RandomResizedCrop scale
 randaug_ops = 2  # RandAugment number of ops [rand-m9-n2]; 0: off
@@ -237,8 +237,18 @@ def build_model(args: dict, probe: dict | None, init_scale: float = 1.0) -> nn.M
     net = VisionTransformer(**args)
     if probe:
         return LinearProbe(net, probe["block"], probe["num_classes"])
-    net.head.weight.data.mul_(init_scale)
+    init_head(net.head, init_scale)
     return net
+
+
+@torch.no_grad()
+def init_head(head: nn.Linear, init_scale: float):
+    """The official classifier init (BEiT v2 / DTM modeling_finetune): timm's trunc_normal_(std=0.02), whose
+    bounds a=-2, b=2 are absolute (100 std: in effect no cut, unlike pre-training's +-1 std), then both weight
+    and bias scaled by init_scale: std 0.02 * init_scale (2e-5 for 0.001)."""
+    nn.init.trunc_normal_(head.weight, std=0.02, a=-2.0, b=2.0)
+    nn.init.zeros_(head.bias)
+    head.weight.mul_(init_scale)
 
 
 def init_model(net: nn.Module, path: str, log=print):

@@ -80,8 +80,9 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 
 # --------------------------------------------------------------------------------------------------- data
 class BlockMasking:
-    """BEiT's block-wise masking: add random rectangles (area >= min_block patches, aspect ratio in
-    [0.3, 1/0.3]) until num_masked patches are masked, or no rectangle adds anything in 10 tries."""
+    """BEiT v2's block-wise masking: add random rectangles (area >= min_block patches, aspect ratio in
+    [0.3, 1/0.3]) until num_masked patches are masked, or no rectangle adds anything in 10 tries; then, as the
+    official generator, top the mask up with random single patches to exactly num_masked."""
 
     def __init__(self, grid: int, num_masked: int, min_block: int = 16, min_aspect: float = 0.3):
         self.grid, self.num_masked, self.min_block = grid, num_masked, min_block
@@ -109,20 +110,25 @@ class BlockMasking:
             if added == 0:
                 break
             count += added
-        return torch.from_numpy(mask.reshape(-1))
+        mask = mask.reshape(-1)
+        if count < self.num_masked:  # blocks stopped short: the official generator masks random patches
+            mask[random.sample(np.flatnonzero(~mask).tolist(), self.num_masked - count)] = True
+        return torch.from_numpy(mask)
 
 
 class MaskedImages(torch.utils.data.Dataset):
-    """(augmented uint8 image, block mask): normalisation happens on the device, once per view."""
+    """(augmented uint8 image, block mask): normalisation happens on the device, once per view. The official
+    order (BEiT v2 / DTM DataAugmentationForBEiT): colour jitter on the whole image (so contrast moves pixels
+    around the whole image's mean), horizontal flip, then the random resized crop."""
 
     def __init__(self, images, img_size: int, masking: BlockMasking):
         self.images, self.masking = images, masking
         self.augment = v2.Compose([
             v2.PILToTensor(),
+            v2.ColorJitter(0.4, 0.4, 0.4),
+            v2.RandomHorizontalFlip(),
             v2.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
                                  antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.ColorJitter(0.4, 0.4, 0.4),
         ])
 
     def __len__(self):

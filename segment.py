@@ -4,11 +4,12 @@ BEiT v2's ADE20K recipe, in plain PyTorch (no mmcv/mmseg).
     python segment.py config/segment_demo.py                                    # offline demo, CPU, minutes
     torchrun --nproc_per_node=8 segment.py config/segment_vitb_ade20k.py \\
         --data_dir=/data/ADEChallengeData2016 --init_from=out/pretrain_vitb/ckpt.pt --out_dir=out/seg_vitb
-    python segment.py config/segment_vitb_ade20k.py --eval_only --init_from=out/seg_vitb/best.pt
+    python segment.py config/segment_vitb_ade20k.py --eval_only --init_from=out/seg_vitb/ckpt.pt
 
 Every setting below can be changed by a config file or --key=value (configurator.py). A run whose out_dir
 already holds ckpt.pt resumes from it, at the iteration where it stopped.
 """
+import contextlib
 import os
 import time
 
@@ -55,6 +56,7 @@ iters = 160000
 warmup_iters = 1500
 batch_size = 16  # total over all GPUs and accumulation steps
 micro_batch_size = 2  # per GPU and forward pass; at least 2 without SyncBatchNorm (BatchNorm needs 2 values)
+micro_batch_bn = False  # True: allow BatchNorm over fewer images than batch_size (one process with accumulation)
 lr = 5e-5
 min_lr = 0.0
 power = 1.0  # poly decay exponent
@@ -64,7 +66,8 @@ weight_decay = 0.05
 layer_decay = 0.75  # the adapters and heads keep scale 1
 grad_clip = 0.0  # 0: off
 # evaluation and checkpoints
-eval_interval = 16000  # iterations between evaluations (and always at the end); best mIoU kept in best.pt
+eval_interval = 16000  # iterations between evaluations (and always at the end, the reported result)
+eval_autocast = False  # True: evaluate under bf16 autocast on GPU (faster; BEiT v2 evaluates in fp32)
 ckpt_interval = 1000  # iterations between checkpoints (ckpt.pt)
 # system
 seed = 0
@@ -173,8 +176,8 @@ class RandomCropVaried(v2.Transform):
 
 class PhotometricDistortion(v2.Transform):
     """mmseg's PhotoMetricDistortion on a uint8 image, each step with probability 1/2: brightness + U(-32, 32);
-    contrast x U(0.5, 1.5) before or after the colour steps; HSV saturation x U(0.5, 1.5); hue + randint(-18, 18)
-    degrees-of-180 (OpenCV units)."""
+    contrast x U(0.5, 1.5) before or after the colour steps; HSV saturation x U(0.5, 1.5); hue + an integer in
+    -18..17 degrees-of-180 (OpenCV units; mmseg's np.random.randint(-18, 18) excludes 18)."""
     _transformed_types = (tv_tensors.Image,)
 
     @staticmethod
@@ -184,6 +187,10 @@ class PhotometricDistortion(v2.Transform):
     @staticmethod
     def _uniform(lo, hi):
         return lo + (hi - lo) * torch.rand(()).item()
+
+    @staticmethod
+    def _hue_shift() -> int:
+        return torch.randint(-18, 18, ()).item()  # -18..17, as mmseg
 
     def transform(self, inpt, params):
         img = inpt.as_subclass(torch.Tensor).float()
@@ -195,7 +202,7 @@ class PhotometricDistortion(v2.Transform):
         if self._coin():
             img = scale_saturation(img, self._uniform(0.5, 1.5))
         if self._coin():
-            img = TF.adjust_hue(img / 255, torch.randint(-18, 19, ()).item() / 180) * 255
+            img = TF.adjust_hue(img / 255, self._hue_shift() / 180) * 255
         if not contrast_first and self._coin():
             img = (img * self._uniform(0.5, 1.5)).clamp(0, 255)
         return tv_tensors.Image(img.round().to(torch.uint8))
@@ -440,19 +447,35 @@ def metrics(stats: torch.Tensor) -> dict:
             "IoU": (100 * iou).tolist(), "Acc": (100 * acc).tolist()}
 
 
-def evaluate(net, dataset: ADE20K, dist_: common.Dist, n_classes: int) -> dict:
-    """Each rank scores its share of the images (every image exactly once); counts are summed over ranks."""
+def evaluate(net, dataset: ADE20K, dist_: common.Dist, n_classes: int, autocast: bool = False) -> dict:
+    """Each rank scores its share of the images (every image exactly once); counts are summed over ranks.
+    In fp32 unless `autocast` (BEiT v2 evaluates in fp32: bf16 would round the position bias and the logits)."""
     net.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, sampler=range(dist_.rank, len(dataset), dist_.world_size),
                                          num_workers=workers)
     stats = torch.zeros(4, n_classes, dtype=torch.int64, device=dist_.device)
     for image, label in common.progress(loader, dist_, desc="eval", unit="img", leave=False):
-        with dist_.autocast():
+        with dist_.autocast() if autocast else contextlib.nullcontext():
             logits = slide_inference(net, image.to(dist_.device), crop_size, eval_stride)
         pred = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
         stats += area_stats(pred, label.to(dist_.device), n_classes)
     dist_.all_reduce(stats)
     return metrics(stats.cpu())
+
+
+def check_batchnorm_batch(batch_size: int, micro_batch_size: int, world_size: int, sync_bn: bool, allow: bool):
+    """The recipe's BatchNorm sees the whole batch (BEiT v2: SyncBatchNorm over 8 GPUs x 2 images = 16). Gradient
+    accumulation cannot give BatchNorm the statistics of images that are not in the forward pass, so a run whose
+    BatchNorm would see fewer images than batch_size is refused unless `allow` (micro_batch_bn=True)."""
+    seen = micro_batch_size * (world_size if sync_bn else 1)
+    if seen < batch_size and not allow:
+        how = "SyncBatchNorm across the processes" if sync_bn else "each process on its own (no SyncBatchNorm)"
+        raise SystemExit(
+            f"BatchNorm would normalise over {seen} images ({how}, micro_batch_size={micro_batch_size}), where the "
+            f"recipe normalises over the whole batch of batch_size={batch_size} (BEiT v2: SyncBatchNorm over 8 GPUs "
+            f"x 2). Accumulating gradients does not change BatchNorm's statistics. Use micro_batch_size={batch_size} "
+            f"on one process, or torchrun on {batch_size // micro_batch_size} GPUs (SyncBatchNorm), or pass "
+            f"--micro_batch_bn=True to train with BatchNorm over micro-batches knowingly.")
 
 
 def class_names(n: int) -> list[str]:
@@ -471,6 +494,19 @@ def format_table(result: dict) -> str:
     return "\n".join(rows)
 
 
+def final_report(result: dict, best_miou: float, dist_: common.Dist) -> dict:
+    """The result is the last evaluation (the weights in ckpt.pt), as BEiT v2 reports it. The best mIoU over all
+    evaluations (best.pt) is extra information only: a maximum over noisy evaluations is biased upwards."""
+    if dist_.is_main:
+        print(format_table(result), flush=True)
+        print(f"result (final evaluation, {out_dir}/ckpt.pt): mIoU {result['mIoU']:.2f}; best over the evaluations "
+              f"{best_miou:.2f} ({out_dir}/best.pt, extra information, biased upwards)", flush=True)
+        common.log_json(os.path.join(out_dir, "log.jsonl"), {
+            "final_mIoU": result["mIoU"], "final_mAcc": result["mAcc"], "final_aAcc": result["aAcc"],
+            "best_mIoU": best_miou, "time": time.time()})
+    return {**result, "best_mIoU": best_miou}
+
+
 # ----------------------------------------------------------------------------------------------------- main
 def main(config: dict):
     dist_ = common.Dist(device)
@@ -479,6 +515,8 @@ def main(config: dict):
     sync_bn = dist_.world_size > 1 and dist_.device.type == "cuda"  # SyncBatchNorm runs on GPUs only
     if micro_batch_size < 2 and not sync_bn and not eval_only:
         raise SystemExit("micro_batch_size=1 without SyncBatchNorm: BatchNorm needs 2 images (use 2 or more)")
+    if not eval_only:
+        check_batchnorm_batch(batch_size, micro_batch_size, dist_.world_size, sync_bn, micro_batch_bn)
     if demo_data:
         dist_.on_main(common.make_demo_dataset, demo_data, seed=seed)
     try:
@@ -494,7 +532,7 @@ def main(config: dict):
     segmenter, backbone_args, head_args = build_segmenter(dist_) if resume is None else build_from(resume, dist_)
     segmenter = segmenter.to(dist_.device)
     if eval_only:
-        result = evaluate(segmenter, val_set, dist_, num_classes)
+        result = evaluate(segmenter, val_set, dist_, num_classes, eval_autocast)
         dist_.print(format_table(result))
         if dist_.is_main:
             os.makedirs(out_dir, exist_ok=True)
@@ -547,7 +585,7 @@ def main(config: dict):
 
     def run_eval(step):
         nonlocal best_miou, result
-        result = evaluate(segmenter, val_set, dist_, num_classes)
+        result = evaluate(segmenter, val_set, dist_, num_classes, eval_autocast)
         segmenter.train()
         dist_.print(f"iteration {step}: mIoU {result['mIoU']:.2f}, mAcc {result['mAcc']:.2f}, aAcc {result['aAcc']:.2f}")
         if dist_.is_main:
@@ -585,8 +623,8 @@ def main(config: dict):
                      params=segmenter.parameters(), log_interval=log_interval, on_step=after_step)
     finally:
         dist_.close()
-    if result is not None and dist_.is_main:
-        print(format_table(result), flush=True)
+    if result is not None:
+        result = final_report(result, best_miou, dist_)
     return result
 
 

@@ -180,7 +180,8 @@ def test_out_indices_and_layer_decay_keep_head_at_scale_one():
         assert scales[name] == 1.0, name
     assert decays["decode_head.fpn_bottleneck.0.weight"] == 0.05
     assert decays["decode_head.fpn_bottleneck.1.weight"] == 0.0  # BatchNorm
-    assert decays["backbone.blocks.0.attn.rel_pos.table"] == 0.0
+    assert decays["backbone.blocks.0.attn.rel_pos.table"] == 0.05  # 2-D: decayed, as the official rule
+    assert decays["backbone.cls_token"] == 0.0
     assert not any(n.startswith("backbone.norm") for n in scales)  # features are taken before the final norm
 
 
@@ -256,7 +257,7 @@ def test_missing_data_dir_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="does not exist; expected the ADE20K layout"):
         segment.find_root(str(tmp_path / "nowhere"))
     # The script stops with that message (no traceback) before creating anything.
-    for key, value in dict(data_dir=str(tmp_path / "nowhere"), demo_data="", device="cpu",
+    for key, value in dict(data_dir=str(tmp_path / "nowhere"), demo_data="", device="cpu", micro_batch_size=16,
                            out_dir=str(tmp_path / "out")).items():
         monkeypatch.setattr(segment, key, value)
     with pytest.raises(SystemExit, match="nowhere' does not exist; expected the ADE20K layout"):
@@ -280,7 +281,7 @@ def seg_args(data, out, *extra):
     return ["segment.py", "config/segment_demo.py", "--demo_data=''", f"--data_dir={data}", f"--out_dir={out}",
             "--crop_size=32", "--scale=(128, 48)", "--eval_stride=21", "--channels=32", "--aux_channels=16",
             "--batch_size=8", "--micro_batch_size=4", "--workers=0", "--iters=4", "--warmup_iters=2",
-            "--eval_interval=4", "--log_interval=1", *extra]
+            "--eval_interval=4", "--log_interval=1", "--micro_batch_bn=True", *extra]  # accumulation: BN over 4
 
 
 def read_log(out):
@@ -309,10 +310,10 @@ def test_demo_trains_evaluates_resumes_and_evaluates_on_2_processes(odd_demo, pr
         assert resumed[it] == pytest.approx(losses[it], rel=1e-5, abs=1e-6), it
     assert resumed_evals[0]["mIoU"] == pytest.approx(evals[0]["mIoU"], abs=1e-9)
 
-    # The best checkpoint on 2 Gloo processes (20 + 19 images) scores exactly what one process scored.
+    # The final checkpoint on 2 Gloo processes (20 + 19 images) scores exactly what one process scored.
     env = {"OMP_NUM_THREADS": "1"}
     run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                *seg_args(odd_demo, dist2, "--eval_only", f"--init_from={whole / 'best.pt'}")], env=env)
+                *seg_args(odd_demo, dist2, "--eval_only", f"--init_from={whole / 'ckpt.pt'}")], env=env)
     _, dist_evals = read_log(dist2)
     assert len(dist_evals) == 1
     for key in ("mIoU", "mAcc", "aAcc"):
