@@ -54,15 +54,26 @@ def relative_position_index(grid: tuple[int, int]) -> torch.Tensor:
 
 
 class RelativePositionBias(nn.Module):
+    """A table of one learned bias per relative offset and head, [(2H-1)(2W-1) + 3, heads]; the model reads
+    all of them at once (VisionTransformer.attention_biases)."""
+
     def __init__(self, grid: tuple[int, int], num_heads: int):
         super().__init__()
-        self.grid = tuple(grid)
         self.table = nn.Parameter(torch.zeros((2 * grid[0] - 1) * (2 * grid[1] - 1) + 3, num_heads))
-        self.register_buffer("index", relative_position_index(grid), persistent=False)
 
-    def forward(self) -> torch.Tensor:  # [heads, N+1, N+1]
-        N1 = self.index.shape[0]
-        return self.table[self.index.view(-1)].view(N1, N1, -1).permute(2, 0, 1)
+
+# The fused SDPA kernels (memory-efficient, cuDNN) take an additive mask only when its last dimension is
+# contiguous and every other stride is a multiple of 8 elements (16 in some PyTorch builds); otherwise they
+# copy it per call or fall back to the unfused math path. Rows padded to a multiple of 16 satisfy both.
+MASK_ALIGN = 16
+
+
+def padded_bias_index(grid: tuple[int, int]) -> torch.Tensor:
+    """relative_position_index with each row padded to a multiple of MASK_ALIGN columns (the padding reads
+    row 0 of the table and is sliced off again), flattened: [(N+1) * padded width]."""
+    index = relative_position_index(grid)
+    n1 = index.shape[0]
+    return F.pad(index, (0, -n1 % MASK_ALIGN)).flatten()
 
 
 def resize_rel_pos_table(table: torch.Tensor, old_grid, new_grid) -> torch.Tensor:
@@ -88,13 +99,10 @@ class Attention(nn.Module):
         self.rel_pos = RelativePositionBias(grid, num_heads) if grid else None
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """`bias`: the additive attention mask of this block [1, heads, N, N] (attention_biases), or None."""
         B, N, C = x.shape
         qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
         q, k, v = F.linear(x, self.qkv.weight, qkv_bias).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        if self.rel_pos is not None:
-            bias = self.rel_pos() if bias is None else bias + self.rel_pos()
-        if bias is not None:
-            bias = bias.to(q.dtype)  # SDPA wants the additive mask in the query's dtype (bf16 under autocast)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
@@ -134,6 +142,8 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, self.grid if block_rel_pos else None, rates[i], layer_scale)
             for i in range(depth))
+        self.num_heads = num_heads
+        self.register_buffer("bias_index", padded_bias_index(self.grid), persistent=False)
         # Classification pools first and norms after (fc_norm); the other uses norm every token.
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if not num_classes else None
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if num_classes else None
@@ -164,6 +174,23 @@ class VisionTransformer(nn.Module):
             return int(name.split(".")[1]) + 1
         return len(self.blocks) + 1
 
+    def attention_biases(self, dtype: torch.dtype) -> list[torch.Tensor | None]:
+        """Every block's additive attention mask, [1, heads, N+1, N+1] in `dtype` (the queries' dtype, bf16
+        under autocast), built once per forward with one gather: the shared table plus the block's own.
+        Each mask is a slice of rows padded to MASK_ALIGN, so the fused attention kernels take it as is."""
+        own = [b.attn.rel_pos.table for b in self.blocks if b.attn.rel_pos is not None]
+        shared = self.rel_pos.table if self.rel_pos is not None else None
+        if not own and shared is None:
+            return [None] * len(self.blocks)
+        tables = torch.stack(own) if own else shared[None]  # [tables, rows, heads]
+        if own and shared is not None:
+            tables = tables + shared  # summing the tables before the gather sums the biases after it
+        rows = tables.shape[1]
+        n1 = self.num_patches + 1
+        flat = tables.to(dtype).transpose(1, 2).reshape(-1, rows)  # [tables * heads, rows]
+        bias = flat.index_select(1, self.bias_index).view(len(tables), 1, self.num_heads, n1, -1)[..., :n1]
+        return list(bias.unbind(0)) if own else [bias[0]] * len(self.blocks)
+
     def forward_blocks(self, x, mask=None, out_indices=()):
         """Image [B, 3, H, W] -> all tokens after the last block [B, 1+N, D] (class token first, no final
         norm), and the patch tokens [B, N, D] after each block in `out_indices`."""
@@ -173,9 +200,9 @@ class VisionTransformer(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         if self.pos_embed is not None:
             x = x + self.pos_embed
-        bias = self.rel_pos() if self.rel_pos is not None else None
+        biases = self.attention_biases(x.dtype)
         features = []
-        for i, block in enumerate(self.blocks):
+        for i, (block, bias) in enumerate(zip(self.blocks, biases)):
             x = block(x, bias)
             if i in out_indices:
                 features.append(x[:, 1:])
