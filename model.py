@@ -227,11 +227,73 @@ def vit(size: str = "base", **kwargs) -> VisionTransformer:
     return VisionTransformer(**{**SIZES[size], **kwargs})
 
 
+# ------------------------------------------------------------------------ weights in other key layouts
+# timm's `Beit`, BEiT v2 and the official DTM release (a BEiT v2 derivative) share one layout; ours differs
+# in three names. Their checkpoints also keep the position index buffers, which are rebuilt here.
+TIMM_NAMES = {"patch_embed.weight": "patch_embed.proj.weight", "patch_embed.bias": "patch_embed.proj.bias",
+              "rel_pos.table": "rel_pos_bias.relative_position_bias_table"}  # the shared table
+BLOCK_TABLE = (".attn.rel_pos.table", ".attn.relative_position_bias_table")  # a block's own table, ours/theirs
+
+
+def to_timm_keys(state: dict) -> dict:
+    """Our key names -> timm's Beit (= BEiT v2, official DTM) names."""
+    return {TIMM_NAMES.get(k, k).replace(*BLOCK_TABLE): v for k, v in state.items()}
+
+
+def from_timm_keys(state: dict) -> dict:
+    """timm / BEiT v2 / official DTM key names -> ours: wrapper prefixes stripped (DDP's module., BEiT's
+    encoder./backbone.), index buffers and BEiT v2's extra pre-training heads (cls_pt_*) dropped."""
+    ours = {theirs: our for our, theirs in TIMM_NAMES.items()}
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "encoder.", "backbone."):
+            key = key.removeprefix(prefix)
+        if not key.endswith(("relative_position_index", "k_bias")) and not key.startswith(("cls_pt_", "lm_head_sg")):
+            out[ours.get(key, key).replace(BLOCK_TABLE[1], BLOCK_TABLE[0])] = value
+    return out
+
+
+def infer_model_args(state: dict) -> dict:
+    """Constructor arguments of a state dict in our key names (for checkpoints without our model_args)."""
+    missing = [k for k in ("cls_token", "patch_embed.weight") if k not in state]
+    if missing:
+        raise ValueError(f"not a BEiT-style ViT state dict: no {', '.join(missing)} (keys: {list(state)[:6]} ...)")
+    embed_dim, in_chans, patch, _ = state["patch_embed.weight"].shape
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    tables = [v for k, v in state.items() if k.endswith("rel_pos.table")]
+    if tables:  # (2H - 1)^2 + 3 rows, one column per head
+        grid = (math.isqrt(tables[0].shape[0] - 3) + 1) // 2
+        num_heads = tables[0].shape[1]
+    elif "pos_embed" in state:
+        grid, num_heads = math.isqrt(state["pos_embed"].shape[1] - 1), embed_dim // 64
+    else:
+        raise ValueError("cannot tell the image size: the state dict has neither position tables nor pos_embed")
+    layer_scale = next((s["layer_scale"] for s in SIZES.values() if s["embed_dim"] == embed_dim), 0.1)
+    return dict(img_size=grid * patch, patch_size=patch, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
+                num_heads=num_heads, layer_scale=layer_scale, abs_pos="pos_embed" in state,
+                shared_rel_pos="rel_pos.table" in state, block_rel_pos="blocks.0.attn.rel_pos.table" in state,
+                mask_token="mask_token" in state,
+                out_dim=state["lm_head.weight"].shape[0] if "lm_head.weight" in state else 0,
+                num_classes=state["head.weight"].shape[0] if "head.weight" in state else 0)
+
+
+def as_our_checkpoint(ckpt: dict) -> dict:
+    """A checkpoint of this project unchanged; an official DTM / BEiT v2 checkpoint ({'model': ...}) or a
+    timm state dict (plain, or under 'model', 'module' or 'state_dict') as {'model', 'model_args'}."""
+    if "model_args" in ckpt:
+        return ckpt
+    state = next((ckpt[k] for k in ("model", "module", "state_dict") if isinstance(ckpt.get(k), dict)), ckpt)
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError("not a checkpoint of this project (no 'model_args') nor a state dict of tensors "
+                         f"(top-level keys: {list(ckpt)[:8]})")
+    state = from_timm_keys(state)
+    return {"model": state, "model_args": infer_model_args(state)}
+
+
 def checkpoint_model_args(ckpt: dict) -> dict:
-    """The constructor arguments stored in a checkpoint of this project."""
-    if "model_args" not in ckpt:
-        raise ValueError("not a checkpoint of this project: it has no 'model_args' entry")
-    return dict(ckpt["model_args"])
+    """The constructor arguments of a checkpoint: stored by this project, or inferred from the weights of
+    an official DTM / BEiT v2 / timm BEiT checkpoint."""
+    return dict(as_our_checkpoint(ckpt)["model_args"])
 
 
 def backbone_state_dict(state: dict, model: VisionTransformer, grid_of_state) -> dict:
@@ -267,9 +329,11 @@ def resize_abs_pos_embed(pos_embed: torch.Tensor, grid) -> torch.Tensor:
 
 
 def load_backbone(model: VisionTransformer, ckpt: dict, log=print) -> None:
-    """Load a checkpoint of this project into `model` (see backbone_state_dict), refusing one of another
-    model size with the list of mismatched shapes, and reporting missing and unexpected keys."""
-    args = checkpoint_model_args(ckpt)
+    """Load a checkpoint of this project, or an official DTM / BEiT v2 / timm BEiT one (as_our_checkpoint),
+    into `model` (see backbone_state_dict), refusing one of another model size with the list of mismatched
+    shapes, and reporting missing and unexpected keys."""
+    ckpt = as_our_checkpoint(ckpt)
+    args = ckpt["model_args"]
     grid = (args["img_size"] // args["patch_size"],) * 2
     state = backbone_state_dict(ckpt["model"], model, grid)
     own = model.state_dict()
