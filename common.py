@@ -123,6 +123,9 @@ def load_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     try:
+        if path.endswith(".safetensors"):  # weights only (timm, export.py); safetensors comes with open_clip
+            from safetensors.torch import load_file
+            return load_file(path)
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a torn or foreign file: say which file, not only what pickle thought
         raise ValueError(f"cannot read checkpoint {path!r}: {e}") from e

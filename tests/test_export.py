@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 
+import common
 import export
 from conftest import run_script
 from model import VisionTransformer, checkpoint_model_args, load_backbone, relative_position_index
@@ -132,7 +133,7 @@ def test_timm_beit_weights_round_trip(tmp_path):
             torch.nn.init.normal_(p)
     path = tmp_path / "beit.safetensors"
     safetensors_torch.save_file({k: v.contiguous() for k, v in theirs.state_dict().items()}, path)
-    weights = safetensors_torch.load_file(path)
+    weights = common.load_checkpoint(str(path))  # as finetune.py and segment.py read init_from
     assert checkpoint_model_args(weights)["num_classes"] == 5
     ours = classifier()
     load_backbone(ours, weights, log=lambda *_: None)
