@@ -342,6 +342,8 @@ def bench_loss(dev: torch.device):
 
 
 def bench_vit(dev: torch.device):
+    """Our ViT against timm's BEiT of identical size (per-block relative position biases, LayerScale, average
+    pooling), forward + backward under the step's autocast; with compile=True, eager and compiled both."""
     try:
         from timm.models.beit import Beit
     except ImportError as e:
@@ -363,14 +365,36 @@ def bench_vit(dev: torch.device):
             with amp(dev):
                 net(images).float().square().mean().backward()
         return go
-    nets = {"ours": torch.compile(ours) if compile else ours, "timm": torch.compile(theirs) if compile else theirs}
+    nets = {"ours": ours, "timm": theirs}
+    if compile:
+        nets.update({"ours compiled": torch.compile(ours), "timm compiled": torch.compile(theirs)})
     times = time_interleaved({name: fwd_bwd(net) for name, net in nets.items()}, dev)
-    ratio = statistics.median(times["ours"]) / statistics.median(times["timm"])
+    peaks = {}
+    for name, net in nets.items():  # one more call each, alone, for its own peak memory
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+            fwd_bwd(net)()
+            peaks[name] = f", peak GPU memory {torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB"
+    grid = img_size // patch_size
+    flops = 3 * batch_size * vit_flops(grid * grid + 1, size["embed_dim"], size["depth"], 4 * size["embed_dim"],
+                                       3 * patch_size ** 2, 0)  # forward + backward (3x), the head left out
     print(f"\n[vit] forward + backward, ViT-{model}/{patch_size} depth {size['depth']}, {img_size} px, batch "
-          f"{batch_size}, per-block relative position bias, compile {compile}")
-    print(f"  ours (model.py)     {fmt(times['ours'])}  {n_ours / 1e6:.2f}M parameters")
-    print(f"  timm Beit           {fmt(times['timm'])}  {n_theirs / 1e6:.2f}M parameters")
-    print(f"  ours / timm time: {ratio:.3f} ({'faster' if ratio < 1 else 'slower'} by {abs(1 - ratio) * 100:.1f}%)")
+          f"{batch_size}, per-block relative position bias, {'bf16 autocast' if dev.type == 'cuda' else 'fp32'}; "
+          f"{n_ours / 1e6:.2f}M parameters (ours), {n_theirs / 1e6:.2f}M (timm), {flops / 1e12:.3f} TFLOP")
+    for name, ms in times.items():
+        achieved = flops / (statistics.median(ms) / 1e3)
+        mfu = f", MFU {100 * achieved / peak_flops:.1f}%" if dev.type == "cuda" else ""
+        label = {"ours": "ours (model.py)", "timm": "timm Beit"}.get(name, name.replace("timm", "timm Beit"))
+        print(f"  {label:22s}{fmt(times[name])}  {batch_size / statistics.median(ms) * 1e3:8.1f} images/s, "
+              f"{achieved / 1e12:.2f} TFLOP/s{mfu}{peaks.get(name, '')}")
+    for kind in ("", " compiled"):
+        if f"ours{kind}" in times:
+            ratio = statistics.median(times[f"ours{kind}"]) / statistics.median(times[f"timm{kind}"])
+            print(f"  ours / timm time{kind or ' eager'}: {ratio:.3f} (speed-up over timm {1 / ratio:.2f}x; ours "
+                  f"{'faster' if ratio < 1 else 'slower'} by {abs(1 - ratio) * 100:.1f}%)")
+    if dev.type != "cuda":
+        print(f"  {memory(dev)}")
 
 
 def main():

@@ -189,7 +189,11 @@ def load_checkpoint(path: str, stage: str | None = None) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if path.endswith(".safetensors"):  # weights only (timm, export.py); safetensors comes with open_clip
+            from safetensors.torch import load_file
+            ckpt = load_file(path)
+        else:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a torn or foreign file: say which file, not only what pickle thought
         raise ValueError(f"cannot read checkpoint {path!r}: {e}") from e
     found = checkpoint_stage(ckpt) if isinstance(ckpt, dict) else None

@@ -54,15 +54,26 @@ def relative_position_index(grid: tuple[int, int]) -> torch.Tensor:
 
 
 class RelativePositionBias(nn.Module):
+    """A table of one learned bias per relative offset and head, [(2H-1)(2W-1) + 3, heads]; the model reads
+    all of them at once (VisionTransformer.attention_biases)."""
+
     def __init__(self, grid: tuple[int, int], num_heads: int):
         super().__init__()
-        self.grid = tuple(grid)
         self.table = nn.Parameter(torch.zeros((2 * grid[0] - 1) * (2 * grid[1] - 1) + 3, num_heads))
-        self.register_buffer("index", relative_position_index(grid), persistent=False)
 
-    def forward(self) -> torch.Tensor:  # [heads, N+1, N+1]
-        N1 = self.index.shape[0]
-        return self.table[self.index.view(-1)].view(N1, N1, -1).permute(2, 0, 1)
+
+# The fused SDPA kernels (memory-efficient, cuDNN) take an additive mask only when its last dimension is
+# contiguous and every other stride is a multiple of 8 elements (16 in some PyTorch builds); otherwise they
+# copy it per call or fall back to the unfused math path. Rows padded to a multiple of 16 satisfy both.
+MASK_ALIGN = 16
+
+
+def padded_bias_index(grid: tuple[int, int]) -> torch.Tensor:
+    """relative_position_index with each row padded to a multiple of MASK_ALIGN columns (the padding reads
+    row 0 of the table and is sliced off again), flattened: [(N+1) * padded width]."""
+    index = relative_position_index(grid)
+    n1 = index.shape[0]
+    return F.pad(index, (0, -n1 % MASK_ALIGN)).flatten()
 
 
 def resize_rel_pos_table(table: torch.Tensor, old_grid, new_grid) -> torch.Tensor:
@@ -88,13 +99,10 @@ class Attention(nn.Module):
         self.rel_pos = RelativePositionBias(grid, num_heads) if grid else None
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """`bias`: the additive attention mask of this block [1, heads, N, N] (attention_biases), or None."""
         B, N, C = x.shape
         qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
         q, k, v = F.linear(x, self.qkv.weight, qkv_bias).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        if self.rel_pos is not None:
-            bias = self.rel_pos() if bias is None else bias + self.rel_pos()
-        if bias is not None:
-            bias = bias.to(q.dtype)  # SDPA wants the additive mask in the query's dtype (bf16 under autocast)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
@@ -134,6 +142,8 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, self.grid if block_rel_pos else None, rates[i], layer_scale)
             for i in range(depth))
+        self.num_heads = num_heads
+        self.register_buffer("bias_index", padded_bias_index(self.grid), persistent=False)
         # Classification pools first and norms after (fc_norm); the other uses norm every token.
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if not num_classes else None
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if num_classes else None
@@ -164,6 +174,23 @@ class VisionTransformer(nn.Module):
             return int(name.split(".")[1]) + 1
         return len(self.blocks) + 1
 
+    def attention_biases(self, dtype: torch.dtype) -> list[torch.Tensor | None]:
+        """Every block's additive attention mask, [1, heads, N+1, N+1] in `dtype` (the queries' dtype, bf16
+        under autocast), built once per forward with one gather: the shared table plus the block's own.
+        Each mask is a slice of rows padded to MASK_ALIGN, so the fused attention kernels take it as is."""
+        own = [b.attn.rel_pos.table for b in self.blocks if b.attn.rel_pos is not None]
+        shared = self.rel_pos.table if self.rel_pos is not None else None
+        if not own and shared is None:
+            return [None] * len(self.blocks)
+        tables = torch.stack(own) if own else shared[None]  # [tables, rows, heads]
+        if own and shared is not None:
+            tables = tables + shared  # summing the tables before the gather sums the biases after it
+        rows = tables.shape[1]
+        n1 = self.num_patches + 1
+        flat = tables.to(dtype).transpose(1, 2).reshape(-1, rows)  # [tables * heads, rows]
+        bias = flat.index_select(1, self.bias_index).view(len(tables), 1, self.num_heads, n1, -1)[..., :n1]
+        return list(bias.unbind(0)) if own else [bias[0]] * len(self.blocks)
+
     def forward_blocks(self, x, mask=None, out_indices=()):
         """Image [B, 3, H, W] -> all tokens after the last block [B, 1+N, D] (class token first, no final
         norm), and the patch tokens [B, N, D] after each block in `out_indices`."""
@@ -173,9 +200,9 @@ class VisionTransformer(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         if self.pos_embed is not None:
             x = x + self.pos_embed
-        bias = self.rel_pos() if self.rel_pos is not None else None
+        biases = self.attention_biases(x.dtype)
         features = []
-        for i, block in enumerate(self.blocks):
+        for i, (block, bias) in enumerate(zip(self.blocks, biases)):
             x = block(x, bias)
             if i in out_indices:
                 features.append(x[:, 1:])
@@ -200,11 +227,73 @@ def vit(size: str = "base", **kwargs) -> VisionTransformer:
     return VisionTransformer(**{**SIZES[size], **kwargs})
 
 
+# ------------------------------------------------------------------------ weights in other key layouts
+# timm's `Beit`, BEiT v2 and the official DTM release (a BEiT v2 derivative) share one layout; ours differs
+# in three names. Their checkpoints also keep the position index buffers, which are rebuilt here.
+TIMM_NAMES = {"patch_embed.weight": "patch_embed.proj.weight", "patch_embed.bias": "patch_embed.proj.bias",
+              "rel_pos.table": "rel_pos_bias.relative_position_bias_table"}  # the shared table
+BLOCK_TABLE = (".attn.rel_pos.table", ".attn.relative_position_bias_table")  # a block's own table, ours/theirs
+
+
+def to_timm_keys(state: dict) -> dict:
+    """Our key names -> timm's Beit (= BEiT v2, official DTM) names."""
+    return {TIMM_NAMES.get(k, k).replace(*BLOCK_TABLE): v for k, v in state.items()}
+
+
+def from_timm_keys(state: dict) -> dict:
+    """timm / BEiT v2 / official DTM key names -> ours: wrapper prefixes stripped (DDP's module., BEiT's
+    encoder./backbone.), index buffers and BEiT v2's extra pre-training heads (cls_pt_*) dropped."""
+    ours = {theirs: our for our, theirs in TIMM_NAMES.items()}
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "encoder.", "backbone."):
+            key = key.removeprefix(prefix)
+        if not key.endswith(("relative_position_index", "k_bias")) and not key.startswith(("cls_pt_", "lm_head_sg")):
+            out[ours.get(key, key).replace(BLOCK_TABLE[1], BLOCK_TABLE[0])] = value
+    return out
+
+
+def infer_model_args(state: dict) -> dict:
+    """Constructor arguments of a state dict in our key names (for checkpoints without our model_args)."""
+    missing = [k for k in ("cls_token", "patch_embed.weight") if k not in state]
+    if missing:
+        raise ValueError(f"not a BEiT-style ViT state dict: no {', '.join(missing)} (keys: {list(state)[:6]} ...)")
+    embed_dim, in_chans, patch, _ = state["patch_embed.weight"].shape
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    tables = [v for k, v in state.items() if k.endswith("rel_pos.table")]
+    if tables:  # (2H - 1)^2 + 3 rows, one column per head
+        grid = (math.isqrt(tables[0].shape[0] - 3) + 1) // 2
+        num_heads = tables[0].shape[1]
+    elif "pos_embed" in state:
+        grid, num_heads = math.isqrt(state["pos_embed"].shape[1] - 1), embed_dim // 64
+    else:
+        raise ValueError("cannot tell the image size: the state dict has neither position tables nor pos_embed")
+    layer_scale = next((s["layer_scale"] for s in SIZES.values() if s["embed_dim"] == embed_dim), 0.1)
+    return dict(img_size=grid * patch, patch_size=patch, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
+                num_heads=num_heads, layer_scale=layer_scale, abs_pos="pos_embed" in state,
+                shared_rel_pos="rel_pos.table" in state, block_rel_pos="blocks.0.attn.rel_pos.table" in state,
+                mask_token="mask_token" in state,
+                out_dim=state["lm_head.weight"].shape[0] if "lm_head.weight" in state else 0,
+                num_classes=state["head.weight"].shape[0] if "head.weight" in state else 0)
+
+
+def as_our_checkpoint(ckpt: dict) -> dict:
+    """A checkpoint of this project unchanged; an official DTM / BEiT v2 checkpoint ({'model': ...}) or a
+    timm state dict (plain, or under 'model', 'module' or 'state_dict') as {'model', 'model_args'}."""
+    if "model_args" in ckpt:
+        return ckpt
+    state = next((ckpt[k] for k in ("model", "module", "state_dict") if isinstance(ckpt.get(k), dict)), ckpt)
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError("not a checkpoint of this project (no 'model_args') nor a state dict of tensors "
+                         f"(top-level keys: {list(ckpt)[:8]})")
+    state = from_timm_keys(state)
+    return {"model": state, "model_args": infer_model_args(state)}
+
+
 def checkpoint_model_args(ckpt: dict) -> dict:
-    """The constructor arguments stored in a checkpoint of this project."""
-    if "model_args" not in ckpt:
-        raise ValueError("not a checkpoint of this project: it has no 'model_args' entry")
-    return dict(ckpt["model_args"])
+    """The constructor arguments of a checkpoint: stored by this project, or inferred from the weights of
+    an official DTM / BEiT v2 / timm BEiT checkpoint."""
+    return dict(as_our_checkpoint(ckpt)["model_args"])
 
 
 def backbone_state_dict(state: dict, model: VisionTransformer, grid_of_state) -> dict:
@@ -240,9 +329,11 @@ def resize_abs_pos_embed(pos_embed: torch.Tensor, grid) -> torch.Tensor:
 
 
 def load_backbone(model: VisionTransformer, ckpt: dict, log=print) -> None:
-    """Load a checkpoint of this project into `model` (see backbone_state_dict), refusing one of another
-    model size with the list of mismatched shapes, and reporting missing and unexpected keys."""
-    args = checkpoint_model_args(ckpt)
+    """Load a checkpoint of this project, or an official DTM / BEiT v2 / timm BEiT one (as_our_checkpoint),
+    into `model` (see backbone_state_dict), refusing one of another model size with the list of mismatched
+    shapes, and reporting missing and unexpected keys."""
+    ckpt = as_our_checkpoint(ckpt)
+    args = ckpt["model_args"]
     grid = (args["img_size"] // args["patch_size"],) * 2
     state = backbone_state_dict(ckpt["model"], model, grid)
     own = model.state_dict()

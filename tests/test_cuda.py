@@ -141,3 +141,38 @@ def test_fused_adamw_step_matches_reference():
         ref_optimizer.step()
     for p, q in zip(net.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("use", ["pretrain", "finetune", "resized"])
+def test_attention_runs_on_fused_kernels(use, compiled):
+    """Forward and backward in bf16 with SDPA restricted to the fused backends: a bias the kernels refuse
+    (or a fallback to the math path) raises instead of running slowly. Pre-training with a mask token,
+    fine-tuning (own tables only), and a backbone on a larger grid with its tables resized on load."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from model import load_backbone
+    torch.manual_seed(0)
+    args = dict(img_size=64, patch_size=8, embed_dim=192, depth=2, num_heads=3)
+    mask = None
+    if use == "pretrain":
+        net = VisionTransformer(**args, mask_token=True, out_dim=64)
+        mask = (torch.rand(4, 64) < 0.4).to(DEV)
+    elif use == "finetune":
+        net = VisionTransformer(**args, num_classes=10, shared_rel_pos=False)
+    else:  # as segment.py: a 64 px checkpoint into a 96 px backbone, 145 tokens
+        ckpt = {"model": VisionTransformer(**args, mask_token=True, out_dim=64).state_dict(), "model_args": args}
+        net = VisionTransformer(**dict(args, img_size=96), shared_rel_pos=False)
+        load_backbone(net, ckpt, log=lambda *_: None)
+    net = net.to(DEV)
+    run = torch.compile(net) if compiled else net
+    images = torch.randn(4, 3, net.img_size, net.img_size, device=DEV)
+    fused = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    with sdpa_kernel(fused), torch.autocast(DEV.type, dtype=torch.bfloat16):
+        out = run(images, mask)
+        out.float().square().mean().backward()
+    with torch.autocast(DEV.type, dtype=torch.bfloat16):
+        reference = net(images, mask)  # eager, any backend
+    assert torch.isfinite(out.float()).all()
+    torch.testing.assert_close(out.float(), reference.float(), rtol=5e-2, atol=5e-2)
+    tables = [p for name, p in net.named_parameters() if "rel_pos" in name]
+    assert tables and all(p.grad is not None and torch.isfinite(p.grad).all() for p in tables)

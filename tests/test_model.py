@@ -78,6 +78,21 @@ def test_rel_pos_resize_keeps_class_entries_and_interpolates_smooth_tables():
     assert grid[0, 0] < 0.5 and grid[-1, 0] > 2 * h - 2 - 0.5  # spans the old range
 
 
+def manual_bias(table, grid):
+    """The obvious gather: bias[h, i, j] = table[index[i, j], h]."""
+    return table[relative_position_index(grid)].permute(2, 0, 1)
+
+
+def manual_attention(attn, x, bias, heads):
+    """Softmax attention written out, BEiT's q and v biases (no k bias), the relative bias on the logits."""
+    B, N, C = x.shape
+    q, k, v = (x @ attn.qkv.weight.T).chunk(3, dim=-1)
+    q, v = q + attn.q_bias, v + attn.v_bias
+    split = lambda t: t.view(B, N, heads, C // heads).transpose(1, 2)
+    logits = split(q) @ split(k).transpose(-1, -2) / math.sqrt(C // heads) + bias
+    return attn.proj((logits.softmax(-1) @ split(v)).transpose(1, 2).reshape(B, N, C))
+
+
 def test_attention_matches_a_manual_softmax_with_relative_bias():
     torch.manual_seed(3)
     net = VisionTransformer(img_size=16, patch_size=8, embed_dim=8, depth=1, num_heads=2, out_dim=4)
@@ -85,13 +100,36 @@ def test_attention_matches_a_manual_softmax_with_relative_bias():
     for table in (net.rel_pos.table, attn.rel_pos.table, attn.q_bias, attn.v_bias):
         torch.nn.init.normal_(table)
     x = torch.randn(2, 5, 8)
-    q, k, v = (x @ attn.qkv.weight.T).chunk(3, dim=-1)
-    q, v = q + attn.q_bias, v + attn.v_bias
-    bias = net.rel_pos() + attn.rel_pos()
-    heads = lambda t: t.view(2, 5, 2, 4).transpose(1, 2)
-    logits = heads(q) @ heads(k).transpose(-1, -2) / math.sqrt(4) + bias
-    expected = attn.proj((logits.softmax(-1) @ heads(v)).transpose(1, 2).reshape(2, 5, 8))
-    torch.testing.assert_close(attn(x, net.rel_pos()), expected)
+    bias = manual_bias(net.rel_pos.table, net.grid) + manual_bias(attn.rel_pos.table, net.grid)
+    expected = manual_attention(attn, x, bias, 2)
+    torch.testing.assert_close(attn(x, net.attention_biases(x.dtype)[0]), expected)
+
+
+@pytest.mark.parametrize("shared,own", [(True, True), (False, True), (True, False), (False, False)])
+def test_whole_model_matches_a_manual_forward(shared, own):
+    """Every block's bias (built once per forward, padded and sliced) equals the shared table's gather plus
+    the block's own, in a whole forward with a mask token, against a block loop written out by hand."""
+    torch.manual_seed(6)
+    net = VisionTransformer(img_size=24, patch_size=8, embed_dim=16, depth=3, num_heads=2, mask_token=True,
+                            out_dim=4, shared_rel_pos=shared, block_rel_pos=own).eval()
+    for name, p in net.named_parameters():
+        if "rel_pos" in name or name.endswith(("q_bias", "v_bias")):
+            torch.nn.init.normal_(p)
+    images, mask = torch.randn(2, 3, 24, 24), torch.rand(2, 9) < 0.5
+    x = net.patch_embed(images).flatten(2).transpose(1, 2)
+    x = torch.where(mask[..., None], net.mask_token, x)
+    x = torch.cat([net.cls_token.expand(2, -1, -1), x], dim=1)
+    for block in net.blocks:
+        bias = torch.zeros(2, 10, 10)
+        if shared:
+            bias = bias + manual_bias(net.rel_pos.table, net.grid)
+        if own:
+            bias = bias + manual_bias(block.attn.rel_pos.table, net.grid)
+        x = x + block.gamma_1 * manual_attention(block.attn, block.norm1(x), bias, 2)
+        x = x + block.gamma_2 * block.mlp(block.norm2(x))
+    expected = net.lm_head(net.norm(x[:, 1:]))
+    with torch.no_grad():
+        torch.testing.assert_close(net(images, mask), expected)
 
 
 def test_init_rescales_output_projections_by_depth():
@@ -131,3 +169,48 @@ def test_unknown_size_and_mask_without_token_are_errors():
     net = vit("tiny", img_size=32, depth=1)
     with pytest.raises(ValueError, match="mask_token=True"):
         net(torch.zeros(1, 3, 32, 32), torch.zeros(1, 4, dtype=torch.bool))
+
+
+def fused_kernel_ready(mask, q):
+    """What PyTorch's memory-efficient (and cuDNN) attention needs of an additive mask to use it without a
+    copy or a fallback to the math path (aten/src/ATen/native/transformers: preprocess_mask, aligned_tensor):
+    4-D, broadcastable to [B, heads, N, N], the queries' dtype, last dimension contiguous, every other
+    stride and the start aligned to 8 elements (16 for the strictest builds)."""
+    B, heads, N, _ = q.shape
+    return (mask.dim() == 4 and mask.shape[0] in (1, B) and tuple(mask.shape[1:]) == (heads, N, N)
+            and mask.dtype == q.dtype and mask.stride(-1) == 1
+            and all(s % 16 == 0 for s in mask.stride()[:-1]) and mask.storage_offset() % 16 == 0)
+
+
+@pytest.mark.parametrize("use", ["pretrain", "finetune", "resized", "bf16"])
+def test_the_bias_handed_to_sdpa_fits_the_fused_kernels(use, monkeypatch):
+    """The masks SDPA receives, in pre-training (mask token, shared + own tables), fine-tuning (own tables),
+    a grid other than the checkpoint's (tables resized on load, as segmentation does) and bf16 autocast,
+    forward and backward: the layout the fused GPU kernels accept (the GPU test checks the kernels)."""
+    import torch.nn.functional as F
+    from model import load_backbone
+    seen, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        seen.append(fused_kernel_ready(attn_mask, q))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    torch.manual_seed(7)
+    small = dict(patch_size=8, embed_dim=16, depth=2, num_heads=2)
+    mask = None
+    if use == "pretrain":
+        net = VisionTransformer(img_size=32, **small, mask_token=True, out_dim=4)
+        mask = torch.rand(2, 16) < 0.5
+    elif use == "resized":  # a 4x4-grid checkpoint into a 5x5-grid backbone: 26 tokens, rows padded to 32
+        pre = VisionTransformer(img_size=32, **small, mask_token=True, out_dim=4)
+        ckpt = {"model": pre.state_dict(), "model_args": dict(img_size=32, **small)}
+        net = VisionTransformer(img_size=40, **small, shared_rel_pos=False)
+        load_backbone(net, ckpt, log=lambda *_: None)
+    else:
+        net = VisionTransformer(img_size=32, **small, num_classes=5, shared_rel_pos=False)
+    images = torch.randn(2, 3, net.img_size, net.img_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use == "bf16"):
+        out = net(images, mask)
+    out.float().square().mean().backward()
+    assert len(seen) == 2 and all(seen)
+    assert all(p.grad is not None for n, p in net.named_parameters() if "rel_pos" in n)
