@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -83,6 +84,14 @@ class Dist:
     def print(self, *args):
         if self.is_main:
             print(*args, flush=True)
+
+
+def settings(defaults: dict, overrides: dict, script: str) -> SimpleNamespace:
+    """A script's settings namespace (`cfg`): its defaults with `overrides` applied, unknown names refused."""
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown {script} settings: {', '.join(unknown)}")
+    return SimpleNamespace(**{**defaults, **overrides})
 
 
 def seed_everything(seed: int):

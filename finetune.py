@@ -88,11 +88,7 @@ MEAN_FILL = tuple(round(255 * m) for m in common.IMAGENET_MEAN)  # RandAugment f
 def settings(**overrides) -> SimpleNamespace:
     """This script's default settings with `overrides` applied: the `cfg` that fit() takes (eval_transfer.py
     and the tests build theirs with it)."""
-    defaults = settings_of(globals())
-    unknown = sorted(set(overrides) - set(defaults))
-    if unknown:
-        raise ValueError(f"unknown finetune.py settings: {', '.join(unknown)}")
-    return SimpleNamespace(**{**defaults, **overrides})
+    return common.settings(settings_of(globals()), overrides, "finetune.py")
 
 
 # --------------------------------------------------------------------------------------------------- data
