@@ -102,21 +102,13 @@ def seed_everything(seed: int):
 
 # ----------------------------------------------------------------------------------------------- checkpoints
 def rng_states() -> dict:
-    """RNG states as plain tensors and lists, so checkpoints load with torch.load(weights_only=True)."""
+    """RNG states as plain tensors and lists, so checkpoints load with torch.load(weights_only=True). Kept for
+    inspection: a resumed run does not need them (its randomness is seeded by position, see SeededSamples)."""
     states = {"python": random.getstate(), "numpy": np.random.get_state()[1].tolist(),
               "numpy_pos": int(np.random.get_state()[2]), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
-
-
-def set_rng_states(states: dict):
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-    np.random.set_state(("MT19937", np.array(states["numpy"], dtype=np.uint32), states["numpy_pos"]))
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def save_checkpoint(obj: dict, path: str):
