@@ -74,5 +74,6 @@ def test_every_config_file_fits_its_script():
     for path in files:
         stage = os.path.basename(path).split("_")[0]
         assert stage in scripts, f"{path}: config files are named <stage>_<name>.py, stage one of {list(scripts)}"
-        defaults = settings_of(vars(importlib.import_module(scripts[stage])))
+        module = importlib.import_module(scripts[stage])  # eval_transfer.py also takes finetune.py's settings:
+        defaults = {**settings_of(vars(module)), **getattr(module, "FINETUNE_DEFAULTS", {})}
         assert parse_args([path], defaults), f"{path} changes nothing"
