@@ -356,8 +356,8 @@ def mean_loss(sums: torch.Tensor, dist_: Dist, step: int, out_dir: str) -> float
 
 class StopOnSignal:
     """`with StopOnSignal() as stop:` SIGTERM (how torchrun and Slurm stop a job) and Ctrl-C only set
-    stop.requested, which the loop checks after each optimizer step: it then saves a checkpoint of complete
-    steps and leaves the block, and the process exits with 130. Never mid-update, never mid-evaluation."""
+    stop.requested, which the loop checks after each optimizer step (stop.now): it then saves a checkpoint of
+    complete steps and leaves the block, and the process exits with 130. Never mid-update, never mid-evaluation."""
 
     def __enter__(self):
         self.requested = False
@@ -366,6 +366,15 @@ class StopOnSignal:
 
     def _request(self, signum, frame):
         self.requested = True
+
+    def now(self, dist_: Dist, sync_point: bool) -> bool:
+        """Whether to stop after this optimizer step. Under DDP all ranks must stop at the same step, and SIGTERM
+        reaches them at slightly different times: they compare flags at sync points only (the log steps)."""
+        if dist_.world_size == 1:
+            return self.requested
+        if not sync_point:
+            return False
+        return bool(dist_.all_reduce(torch.tensor(float(self.requested), device=dist_.device)).item())
 
     def __exit__(self, exc_type, *_):
         for sig, handler in self.previous.items():

@@ -352,7 +352,7 @@ def fit(cfg, train_data, val_data, classes: list, dist_: common.Dist) -> dict:
                 dist_.print(f"epoch {epoch - 1}: train loss {state['train_loss']:.4f}, val top-1 "
                             f"{metrics['top1']:.2f}, top-5 {metrics['top5']:.2f} (best {state['best_top1']:.2f}), "
                             f"step {step}/{total_steps}")
-            if step >= last_step or stop.requested:
+            if step >= last_step or stop.now(dist_, sync_point=True):  # also a stop asked for while evaluating
                 break
 
             batches = common.epoch_batches(loader, epoch, cfg.seed, skip)
@@ -381,12 +381,14 @@ def fit(cfg, train_data, val_data, classes: list, dist_: common.Dist) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 bar.update()
-                if step % cfg.log_interval == 0 or step == last_step:  # a GPU sync: only every log_interval steps
+                log_step = step % cfg.log_interval == 0 or step == last_step
+                if log_step:  # a GPU sync: only every log_interval steps
                     mean = common.mean_loss(sums, dist_, step, cfg.out_dir)
                     bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}", img_s=f"{seen / (time.time() - t0):.0f}")
                     epoch_sums += sums
                     sums.zero_()
-                if stop.requested or step == last_step or step % steps_per_epoch == 0:
+                stopping = stop.now(dist_, sync_point=log_step)
+                if stopping or step == last_step or step % steps_per_epoch == 0:
                     break  # an incomplete accumulation at the epoch's end is dropped
             bar.close()
 

@@ -306,12 +306,14 @@ def main(cfg: SimpleNamespace):
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 bar.update()
-                if step % cfg.log_interval == 0 or step == last_step:  # a GPU sync: only every log_interval steps
+                log_step = step % cfg.log_interval == 0 or step == last_step
+                if log_step:  # a GPU sync: only every log_interval steps
                     mean = common.mean_loss(sums, dist_, step, cfg.out_dir)
                     bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}", img_s=f"{seen / (time.time() - t0):.0f}")
                     epoch_sums += sums
                     sums.zero_()
-                if stop.requested or step == last_step or step % steps_per_epoch == 0:
+                stopping = stop.now(dist_, sync_point=log_step)
+                if stopping or step == last_step or step % steps_per_epoch == 0:
                     break  # an incomplete accumulation at the epoch's end is dropped
             bar.close()
 
@@ -331,7 +333,7 @@ def main(cfg: SimpleNamespace):
                 print(f"epoch {epoch}: loss {mean:.4f}, step {step}/{total_steps}", flush=True)
             if epoch_done:
                 epoch_sums.zero_()
-            if stop.requested:
+            if stopping:
                 dist_.print(f"stopped: saved {ckpt_path} at step {step}; run the same command to resume")
                 break
     if dist_.world_size > 1:  # DDP keeps replicas identical; print a fingerprint so that is easy to check

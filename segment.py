@@ -519,7 +519,8 @@ def main(cfg: SimpleNamespace):
     ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
     own = common.load_checkpoint(ckpt_path) if os.path.isfile(ckpt_path) and not (cfg.eval_only and cfg.init_from) \
         else None
-    segmenter, backbone_args, head_args = build_segmenter(cfg, dist_) if own is None else build_from(cfg, own, ckpt_path)
+    segmenter, backbone_args, head_args = build_segmenter(cfg, dist_) if own is None else \
+        build_from(cfg, own, ckpt_path)
     segmenter = segmenter.to(dev)
     if cfg.eval_only:
         if own is not None:
@@ -564,12 +565,13 @@ def main(cfg: SimpleNamespace):
                 dist_.print(f"iteration {step}: mIoU {result['mIoU']:.2f}, mAcc {result['mAcc']:.2f}, "
                             f"aAcc {result['aAcc']:.2f}")
                 if dist_.is_main:
-                    common.log_json(os.path.join(cfg.out_dir, "log.jsonl"), {"iter": step, **result, "time": time.time()})
+                    common.log_json(os.path.join(cfg.out_dir, "log.jsonl"),
+                                    {"iter": step, **result, "time": time.time()})
                 if result["mIoU"] > state["best_miou"]:
                     common.save_state(best_path, dist_, segmenter, optimizer, step, check, mIoU=result["mIoU"], **extra)
                 state.update(best_miou=max(state["best_miou"], result["mIoU"]), evaluated=step, result=result)
                 common.save_state(ckpt_path, dist_, segmenter, optimizer, step, check, **extra, **state)
-            if step >= last_step or stop.requested:
+            if step >= last_step or stop.now(dist_, sync_point=True):  # also a stop asked for while evaluating
                 break
 
             epoch, skip = common.position(step, steps_per_epoch, accum)
@@ -593,7 +595,8 @@ def main(cfg: SimpleNamespace):
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                if step % cfg.log_interval == 0 or step == last_step:  # a GPU sync: only every log_interval steps
+                log_step = step % cfg.log_interval == 0 or step == last_step
+                if log_step:  # a GPU sync: only every log_interval steps
                     mean, count = common.mean_loss(sums, dist_, step, cfg.out_dir), sums[1].item()
                     if dist_.is_main:
                         common.log_json(os.path.join(cfg.out_dir, "log.jsonl"), {
@@ -603,11 +606,12 @@ def main(cfg: SimpleNamespace):
                                                     if dev.type == "cuda" else {})})
                     sums, aux_sum, t0 = torch.zeros_like(sums), torch.zeros_like(aux_sum), time.time()
                 due = step % cfg.ckpt_interval == 0 or step % cfg.eval_interval == 0 or step == last_step
-                if due or stop.requested or step % steps_per_epoch == 0:
+                stopping = stop.now(dist_, sync_point=log_step)
+                if due or stopping or step % steps_per_epoch == 0:
                     break  # an incomplete accumulation at the epoch's end is dropped
 
             # Checkpoint every ckpt_interval iterations, before each evaluation, at the end and when stopped.
-            if due or stop.requested:
+            if due or stopping:
                 segmenter.eval()
                 with torch.no_grad(), dist_.autocast():  # the loss of the weights about to be saved
                     check = seg_loss(*segmenter(images, with_aux=True), labels, cfg.aux_weight)[0].item()

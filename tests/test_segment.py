@@ -254,7 +254,8 @@ def test_missing_data_dir_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist; expected the ADE20K layout"):
         segment.find_root(str(tmp_path / "nowhere"))
     # The script stops with that message (no traceback) before creating anything.
-    cfg = segment.settings(data_dir=str(tmp_path / "nowhere"), demo_data="", device="cpu", out_dir=str(tmp_path / "out"))
+    cfg = segment.settings(data_dir=str(tmp_path / "nowhere"), demo_data="", device="cpu",
+                           out_dir=str(tmp_path / "out"))
     with pytest.raises(SystemExit, match="nowhere' does not exist; expected the ADE20K layout"):
         segment.main(cfg)
     assert not os.path.exists(tmp_path / "out")
