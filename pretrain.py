@@ -337,7 +337,8 @@ def main(cfg: SimpleNamespace):
                 dist_.print(f"stopped: saved {ckpt_path} at step {step}; run the same command to resume")
                 break
     if dist_.world_size > 1:  # DDP keeps replicas identical; print a fingerprint so that is easy to check
-        print(f"rank {dist_.rank}: weights sha256 {common.weights_digest(student.state_dict())}", flush=True)
+        dist_.barrier()  # after rank 0's epoch line; one write per line, so that lines of two ranks never mix
+        print(f"rank {dist_.rank}: weights sha256 {common.weights_digest(student.state_dict())}\n", end="", flush=True)
     dist_.close()
 
 
