@@ -187,14 +187,10 @@ def amp(dev: torch.device):
 
 # ------------------------------------------------------------------------------------------- benchmarks
 def bench_step(dev: torch.device):
-    # pretrain.py builds the teacher and the student from its own settings: give it ours.
-    for key in ("model", "depth", "img_size", "patch_size", "teacher", "teacher_overrides"):
-        setattr(pretrain, key, globals()[key])
-    pretrain.teacher_pretrained = ""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # pretrain.py's banner for a random teacher: expected here
-        teacher_net = pretrain.build_teacher(dev)
-    student = VisionTransformer(**pretrain.model_args(teacher_net.out_dim)).to(dev)
+        teacher_net = pretrain.build_teacher(teacher, "", teacher_overrides, dev)
+    student = VisionTransformer(**pretrain.model_args(model, teacher_net.out_dim, img_size, patch_size, depth)).to(dev)
     optimizer = common.adamw(common.param_groups(student, weight_decay), lr, (0.9, 0.98), 1e-8, dev)
     net = torch.compile(student) if compile else student
     loss_fn = torch.compile(dtm_loss, fullgraph=True) if compile else dtm_loss

@@ -13,8 +13,8 @@ import shutil
 import signal
 import sys
 import tempfile
-import time
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -104,6 +104,12 @@ def stop_with_parent(sig: int = signal.SIGTERM) -> bool:
     # (A launcher killed before this call goes unnoticed; checking getppid() == 1 would misfire where torchrun
     # itself is PID 1, as in a container.)
     return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+def settings(defaults: dict, overrides: dict, script: str) -> SimpleNamespace:
+    """A script's settings namespace (`cfg`): its defaults with `overrides` applied, unknown names refused."""
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown {script} settings: {', '.join(unknown)}")
+    return SimpleNamespace(**{**defaults, **overrides})
 
 
 def seed_everything(seed: int):
@@ -114,21 +120,13 @@ def seed_everything(seed: int):
 
 # ----------------------------------------------------------------------------------------------- checkpoints
 def rng_states() -> dict:
-    """RNG states as plain tensors and lists, so checkpoints load with torch.load(weights_only=True)."""
+    """RNG states as plain tensors and lists, so checkpoints load with torch.load(weights_only=True). Kept for
+    inspection: a resumed run does not need them (its randomness is seeded by position, see SeededSamples)."""
     states = {"python": random.getstate(), "numpy": np.random.get_state()[1].tolist(),
               "numpy_pos": int(np.random.get_state()[2]), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
-
-
-def set_rng_states(states: dict):
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-    np.random.set_state(("MT19937", np.array(states["numpy"], dtype=np.uint32), states["numpy_pos"]))
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def atomic_write(path: str, write):
@@ -249,10 +247,37 @@ def weights_digest(state_dict: dict) -> str:
     return digest.hexdigest()[:16]
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain model under DDP and torch.compile wrappers (its state_dict keys have no prefixes)."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
+def resume(path: str, net: torch.nn.Module, optimizer, dist_: Dist, stage: str, unit: str = "step",
+           **expected) -> dict | None:
+    """Load the run saved in `path`, if there is one, into `net` and `optimizer` and return its checkpoint (None:
+    a new run). It must be a checkpoint of `stage`, holding the `expected` entries (model_args=..., ...):
+    another run is refused."""
+    if not os.path.isfile(path):
+        return None
+    ckpt = load_checkpoint(path, stage)
+    differ = {key: ckpt.get(key) for key, value in expected.items() if ckpt.get(key) != value}
+    if differ:
+        raise SystemExit(f"{path} holds a run of another model or task ({differ}); choose a new out_dir to start a "
+                         f"new run")
+    net.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    dist_.print(f"resuming from {path} at {unit} {ckpt['step']}")
+    return ckpt
+
+
+def save_state(path: str, dist_: Dist, net: torch.nn.Module, optimizer, step: int, loss: float, **extra):
+    """Checkpoint a run (rank 0 writes): weights, optimizer, step, RNG states and `extra`. `loss` is the loss of
+    these very weights on a recent batch: if it or any weight is not finite the run stops instead, and the
+    checkpoint already in `path` stays the last good one (a rerun from it can train)."""
+    state = net.state_dict()
+    finite = math.isfinite(loss) and all(t.isfinite().all() for t in state.values() if t.is_floating_point())
+    if dist_.all_reduce(torch.tensor(float(not finite), device=dist_.device)).item():  # every rank agrees
+        dist_.close()
+        raise SystemExit(f"non-finite loss or weights at step {step} (loss {loss}): stopping; the last good "
+                         f"checkpoint {path} is left as it was. Try a lower lr or grad_clip.")
+    if dist_.is_main:
+        save_checkpoint({"model": state, "optimizer": optimizer.state_dict(), "step": step,
+                         "rng": rng_states(), **extra}, path)
 
 
 # ------------------------------------------------------------------------------------- optimizer, schedules
@@ -369,7 +394,44 @@ class ShardSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
-def data_loader(dataset, batch_size: int, dist_: Dist, train: bool, workers: int, seed: int = 0, drop_last=None):
+def seed_of(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers such as (seed, epoch, sample index)."""
+    return int(np.random.SeedSequence([p % 2**64 for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """A training set whose sample i of epoch e is augmented (cropped, masked, ...) with the RNGs of torch,
+    NumPy and Python seeded by (seed, e, i), then put back: the same draw in any worker, after any resume."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __getitem__(self, i):
+        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        seed_everything(seed_of(self.seed, self.epoch, i))
+        try:
+            return self.dataset[i]
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.set_rng_state(states[2])
+
+
+def seed_step(seed: int, rank: int, step: int, micro: int):
+    """Seed what a forward pass draws (drop path, MixUp, dropout) by its position in the run: a resumed run
+    draws what the uninterrupted one drew."""
+    seed_everything(seed_of(seed, rank, step, micro))
+
+
+def data_loader(dataset, batch_size: int, dist_: Dist, train: bool, workers: int, seed: int = 0):
     """DataLoader with a DistributedSampler under DDP for training (evaluation: ShardSampler, no duplicates).
     Training shuffles from `seed` and set_epoch(), so a resumed run sees the same order as an uninterrupted one."""
     sampler = None
@@ -381,7 +443,7 @@ def data_loader(dataset, batch_size: int, dist_: Dist, train: bool, workers: int
         sampler = torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=dist_.device.type == "cuda",
-        drop_last=train if drop_last is None else drop_last, persistent_workers=False,
+        drop_last=train, persistent_workers=False,
         generator=torch.Generator().manual_seed(seed))
 
 
@@ -396,27 +458,31 @@ def start_epoch(loader, epoch: int, seed: int):
         loader.dataset.set_epoch(epoch)
 
 
-def skip_batches(loader, batches: int):
-    """The loader's epoch without its first `batches` batches (resuming mid-epoch), without loading them."""
-    if batches == 0:
+def position(step: int, steps_per_epoch: int, accum: int) -> tuple[int, int]:
+    """Where optimizer step `step` falls: (epoch, micro-batches of that epoch already done)."""
+    epoch, done = divmod(step, steps_per_epoch)
+    return epoch, done * accum
+
+
+def epoch_batches(loader, epoch: int, seed: int, skip: int = 0):
+    """The batches of `epoch` after its first `skip` (resuming mid-epoch), without loading the skipped ones."""
+    start_epoch(loader, epoch, seed)
+    if skip == 0:
         return loader
-    indices = list(loader.sampler)[batches * loader.batch_size:]
+    indices = list(loader.sampler)[skip * loader.batch_size:]
     return torch.utils.data.DataLoader(
         loader.dataset, batch_size=loader.batch_size, sampler=indices, num_workers=loader.num_workers,
         pin_memory=loader.pin_memory, drop_last=loader.drop_last, generator=loader.generator)
 
 
-# -------------------------------------------------------------------------------------------- training loop
-class Stop(Exception):
-    """Raised on SIGTERM (torchrun's way of stopping workers) so that a run can checkpoint on its way out."""
+# ----------------------------------------------------------------------------------------- training helpers
+def no_sync(net: torch.nn.Module, dist_: Dist, sync: bool):
+    """Under DDP, gradients are all-reduced on the last micro-batch of an accumulation only."""
+    return net.no_sync() if dist_.world_size > 1 and not sync else contextlib.nullcontext()
 
 
-def _raise_stop(*_):
-    raise Stop()
-
-
-def mean_or_stop(sums: torch.Tensor, dist_: Dist, step: int, out_dir: str) -> float:
-    """The mean loss (sums = [loss sum, count]) over all ranks; stop the run, without saving, if not finite."""
+def mean_loss(sums: torch.Tensor, dist_: Dist, step: int, out_dir: str) -> float:
+    """The mean loss over all ranks (sums = [loss sum, count]; a GPU sync); stop the run if it is not finite."""
     total = dist_.all_reduce(sums.clone())
     mean = (total[0] / total[1].clamp(min=1)).item()
     if not math.isfinite(mean):
@@ -426,71 +492,33 @@ def mean_or_stop(sums: torch.Tensor, dist_: Dist, step: int, out_dir: str) -> fl
     return mean
 
 
-def train(dist_: Dist, model, optimizer, loader, loss_of, *, step: int, total_steps: int, accum: int, lr_at,
-          save, out_dir: str, seed: int = 0, max_steps: int = 0, grad_clip: float = 0.0, params=None,
-          log_interval: int = 10, on_step=None, on_epoch=None) -> int:
-    """The training loop every stage shares; returns the step it stopped at.
+class StopOnSignal:
+    """`with StopOnSignal() as stop:` SIGTERM (how torchrun and Slurm stop a job) and Ctrl-C only set
+    stop.requested, which the loop checks after each optimizer step (stop.now): it then saves a checkpoint of
+    complete steps and leaves the block, and the process exits with 130. Never mid-update, never mid-evaluation."""
 
-    Position is the optimizer step alone: epoch = step // steps_per_epoch, and a resumed epoch skips the
-    batches it already did. Each epoch's shuffling and augmentation are a function of (seed, epoch), so a
-    resumed run repeats an uninterrupted one. `loss_of(batch, step, micro)` returns one micro-batch's loss;
-    gradients of `accum` micro-batches add up (DDP all-reduces only on the last one); `lr_at(step)` gives
-    (lr, weight decay or None); `save(step)` checkpoints (called on SIGTERM/Ctrl-C too, then exit 130);
-    `on_step(step, mean_loss_or_None)` runs after every optimizer step (mean loss at log steps);
-    `on_epoch(epoch, step, mean_loss, images_per_s)` runs at every epoch end."""
-    steps_per_epoch = len(loader) // accum
-    last = min(total_steps, max_steps) if max_steps else total_steps
-    params = list(params if params is not None else model.parameters())
-    signal.signal(signal.SIGTERM, _raise_stop)
-    try:
-        while step < last:
-            epoch, done = divmod(step, steps_per_epoch)
-            start_epoch(loader, epoch, seed)
-            if done == 0:  # augmentation, masking, drop-path randomness: a function of (seed, rank, epoch)
-                seed_everything(seed + 1000 * epoch + dist_.rank)
-            model.train()
-            bar = progress(skip_batches(loader, done * accum), dist_, desc=f"epoch {epoch}", unit="step",
-                           total=steps_per_epoch - done)
-            epoch_sums, sums = torch.zeros(2, device=dist_.device), torch.zeros(2, device=dist_.device)
-            t0, images = time.time(), 0
-            for micro, batch in enumerate(bar.iterable, start=done * accum):
-                batch = [t.to(dist_.device, non_blocking=True) for t in batch]
-                last_micro = (micro + 1) % accum == 0
-                no_sync = model.no_sync() if dist_.world_size > 1 and not last_micro else contextlib.nullcontext()
-                with no_sync, dist_.autocast():
-                    loss = loss_of(batch, step, micro)
-                    (loss / accum).backward()
-                sums += torch.stack([loss.detach().float(), torch.ones((), device=dist_.device)])
-                images += batch[0].shape[0] * dist_.world_size
-                if not last_micro:
-                    continue
-                lr, weight_decay = lr_at(step)
-                set_lr(optimizer, lr, weight_decay)
-                if grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                bar.update()
-                mean = None
-                if step % log_interval == 0 or step == last:
-                    mean = mean_or_stop(sums, dist_, step, out_dir)  # syncs: only every log_interval steps
-                    bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}", img_s=f"{images / (time.time() - t0):.0f}")
-                    epoch_sums += sums
-                    sums.zero_()
-                if on_step:
-                    on_step(step, mean)
-                if step >= last or micro + 1 >= steps_per_epoch * accum:
-                    break  # an incomplete accumulation at the epoch end is dropped
-            bar.close()
-            epoch_mean = mean_or_stop(epoch_sums + sums, dist_, step, out_dir)
-            if on_epoch and (step % steps_per_epoch == 0 or step >= last):
-                on_epoch(epoch, step, epoch_mean, images / (time.time() - t0))
-    except (KeyboardInterrupt, Stop):
-        dist_.print(f"interrupted: saving a checkpoint in {out_dir} at step {step}")
-        save(step)  # complete optimizer steps only: a partial accumulation is dropped
-        raise SystemExit(130)
-    return step
+    def __enter__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self._request) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def _request(self, signum, frame):
+        self.requested = True
+
+    def now(self, dist_: Dist, sync_point: bool) -> bool:
+        """Whether to stop after this optimizer step. Under DDP all ranks must stop at the same step, and SIGTERM
+        reaches them at slightly different times: they compare flags at sync points only (the log steps)."""
+        if dist_.world_size == 1:
+            return self.requested
+        if not sync_point:
+            return False
+        return bool(dist_.all_reduce(torch.tensor(float(self.requested), device=dist_.device)).item())
+
+    def __exit__(self, exc_type, *_):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        if self.requested and exc_type is None:
+            raise SystemExit(130)
 
 
 # ------------------------------------------------------------------------------------------------- progress
@@ -501,67 +529,3 @@ def progress(iterable, dist_: Dist, **kwargs):
 def log_json(path: str, record: dict):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
-
-
-# ----------------------------------------------------------------------------------------------- demo data
-DEMO_SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond", "hbar", "vbar", "dot_pair", "frame")
-DEMO_TEXTURES = ("hstripes", "vstripes", "checker", "noise")
-
-
-def _demo_image(rng: np.random.Generator, size: int):
-    """One image: a textured background and one coloured shape. Returns (HxWx3 uint8, HxW labels, shape id,
-    texture id); pixel labels are 1 + texture id on the background and 1 + 4 + shape id on the shape."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    texture = int(rng.integers(len(DEMO_TEXTURES)))
-    period = rng.uniform(0.08, 0.2)
-    pattern = {0: np.sin(2 * np.pi * yy / period), 1: np.sin(2 * np.pi * xx / period),
-               2: np.sign(np.sin(2 * np.pi * yy / period) * np.sin(2 * np.pi * xx / period)),
-               3: rng.standard_normal((size, size))}[texture]
-    c1, c2 = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
-    t = (pattern - pattern.min()) / (np.ptp(pattern) + 1e-6)
-    image = c1 * t[..., None] + c2 * (1 - t[..., None])
-    shape = int(rng.integers(len(DEMO_SHAPES)))
-    cy, cx, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.15, 0.28)
-    dy, dx = yy - cy, xx - cx
-    d = np.sqrt(dy**2 + dx**2)
-    inside = {0: d < r, 1: np.maximum(abs(dy), abs(dx)) < r * 0.8,
-              2: (dy > -r * 0.7) & (dy < r * 0.7) & (abs(dx) < (dy + r * 0.7) * 0.6),
-              3: (abs(dy) < r * 0.25) & (abs(dx) < r) | (abs(dx) < r * 0.25) & (abs(dy) < r),
-              4: (d < r) & (d > r * 0.6), 5: abs(dy) + abs(dx) < r,
-              6: (abs(dy) < r * 0.3) & (abs(dx) < r), 7: (abs(dx) < r * 0.3) & (abs(dy) < r),
-              8: (np.sqrt(dy**2 + (dx - r * 0.5) ** 2) < r * 0.4) | (np.sqrt(dy**2 + (dx + r * 0.5) ** 2) < r * 0.4),
-              9: (np.maximum(abs(dy), abs(dx)) < r) & (np.maximum(abs(dy), abs(dx)) > r * 0.7)}[shape]
-    image[inside] = rng.uniform(0, 1, 3)
-    labels = np.where(inside, 1 + len(DEMO_TEXTURES) + shape, 1 + texture).astype(np.uint8)
-    return (image * 255).round().astype(np.uint8), labels, shape, texture
-
-
-def make_demo_dataset(root: str, n_train: int = 600, n_val: int = 200, size: int = 64, seed: int = 0) -> str:
-    """Write the offline demo dataset under `root` (once; later calls reuse it), deterministic by seed:
-    - `train/`, `val/`: ImageFolder by shape (10 classes), for pre-training and fine-tuning;
-    - `ADEChallengeData2016/{images,annotations}/{training,validation}`: the same images with per-pixel labels
-      (0 unused, 1-4 background textures, 5-14 shapes), for segmentation;
-    - `labels.json`: split, file, shape and texture of every image (for other labellings)."""
-    from PIL import Image
-    done = os.path.join(root, "labels.json")
-    if os.path.isfile(done):
-        return root
-    rng = np.random.default_rng(seed)
-    records = []
-    for split, n, ade_split in (("train", n_train, "training"), ("val", n_val, "validation")):
-        for i in range(n):
-            image, labels, shape, texture = _demo_image(rng, size)
-            name = f"{split}_{i:05d}"
-            path = os.path.join(root, split, DEMO_SHAPES[shape], name + ".png")
-            for p in (path, os.path.join(root, "ADEChallengeData2016", "images", ade_split, name + ".jpg"),
-                      os.path.join(root, "ADEChallengeData2016", "annotations", ade_split, name + ".png")):
-                os.makedirs(os.path.dirname(p), exist_ok=True)
-            Image.fromarray(image).save(path)
-            Image.fromarray(image).save(os.path.join(root, "ADEChallengeData2016", "images", ade_split, name + ".jpg"),
-                                        quality=95)
-            Image.fromarray(labels).save(os.path.join(root, "ADEChallengeData2016", "annotations", ade_split,
-                                                      name + ".png"))
-            records.append({"split": split, "file": os.path.relpath(path, root), "shape": DEMO_SHAPES[shape],
-                            "texture": DEMO_TEXTURES[texture]})
-    atomic_write(done, lambda f: f.write(json.dumps(records).encode()))  # last: its presence means complete
-    return root

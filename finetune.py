@@ -8,8 +8,8 @@
 Every setting below can be changed by a config file or --key=value (configurator.py). A run whose out_dir
 already holds ckpt.pt resumes from it; best.pt keeps the epoch with the best val top-1.
 
-The training and evaluation loop (`fit`) takes its settings as an argument, not from this module's globals,
-so that eval_transfer.py can run it on other datasets.
+The training loop (`fit`) takes its settings as an argument (a `cfg` namespace, see `settings`), not from this
+module's globals, so that eval_transfer.py can run it on other datasets.
 """
 import os
 import time
@@ -22,6 +22,7 @@ from torchvision.transforms import v2
 
 import common
 from configurator import Range, at_least, configure, settings_of
+from demo_data import make_demo_dataset
 from model import SIZES, VisionTransformer, load_backbone
 
 # ------------------------------------------------------------------------------------------------- settings
@@ -95,11 +96,7 @@ MEAN_FILL = tuple(round(255 * m) for m in common.IMAGENET_MEAN)  # RandAugment f
 def settings(**overrides) -> SimpleNamespace:
     """This script's default settings with `overrides` applied: the `cfg` that fit() takes (eval_transfer.py
     and the tests build theirs with it)."""
-    defaults = settings_of(globals())
-    unknown = sorted(set(overrides) - set(defaults))
-    if unknown:
-        raise ValueError(f"unknown finetune.py settings: {', '.join(unknown)}")
-    return SimpleNamespace(**{**defaults, **overrides})
+    return common.settings(settings_of(globals()), overrides, "finetune.py")
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -290,20 +287,31 @@ def evaluate(model: nn.Module, loader, dist_: common.Dist) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------- fit
+def make_optimizer(cfg, net: nn.Module, device: torch.device):
+    """(optimizer, base lr, final lr): SGD with momentum on the head for linear probing (MAE), AdamW with
+    layer-wise lr decay for fine-tuning (BEiT). The lrs are scaled linearly with batch_size."""
+    if cfg.linear_probe:
+        base_lr = cfg.probe_lr * cfg.batch_size / 256
+        optimizer = torch.optim.SGD(net.head.parameters(), lr=base_lr, momentum=0.9,
+                                    weight_decay=cfg.probe_weight_decay)
+        return optimizer, base_lr, 0.0
+    base_lr = cfg.lr * cfg.batch_size / 1024
+    groups = common.param_groups(net, cfg.weight_decay, cfg.layer_decay, len(net.blocks))
+    return common.adamw(groups, base_lr, cfg.betas, cfg.eps, device), base_lr, cfg.min_lr
+
+
 def fit(cfg, train_data, val_data, classes: list, dist_: common.Dist) -> dict:
     """Fine-tune (or linear-probe) on `train_data`, evaluating on `val_data` after every epoch; both yield
-    (PIL image, int label). The loop is common.train. Checkpoints go to cfg.out_dir (ckpt.pt: last, best.pt:
-    best val top-1) and a run whose out_dir holds ckpt.pt resumes from it. Returns the last evaluation, the
-    best top-1 and the number of epochs."""
-    probe_mode = cfg.linear_probe
-    epochs, warmup_epochs = (cfg.probe_epochs, cfg.probe_warmup_epochs) if probe_mode else (cfg.epochs,
-                                                                                            cfg.warmup_epochs)
+    (PIL image, int label). Checkpoints go to cfg.out_dir (ckpt.pt: last, best.pt: best val top-1) and a run
+    whose out_dir holds ckpt.pt resumes from it, evaluating first an epoch it finished but did not evaluate.
+    Returns the last evaluation, the best top-1 and the number of epochs."""
+    dev = dist_.device
+    epochs, warmup_epochs = (cfg.probe_epochs, cfg.probe_warmup_epochs) if cfg.linear_probe else \
+        (cfg.epochs, cfg.warmup_epochs)
     accum = dist_.accumulation_steps(cfg.batch_size, cfg.micro_batch_size)
-    num_classes = len(classes)
-    common.seed_everything(cfg.seed + dist_.rank)  # the new head's init, among others: runs repeat exactly
 
-    # Data.
-    train_set = Transformed(train_data, train_transform(cfg))
+    # Data: each image's augmentation is drawn from (seed, epoch, index), whichever worker loads it.
+    train_set = common.SeededSamples(Transformed(train_data, train_transform(cfg)), cfg.seed)
     loader = common.data_loader(train_set, cfg.micro_batch_size, dist_, train=True, workers=cfg.workers,
                                 seed=cfg.seed)
     val_loader = common.data_loader(Transformed(val_data, eval_transform(cfg)), cfg.micro_batch_size, dist_,
@@ -311,83 +319,106 @@ def fit(cfg, train_data, val_data, classes: list, dist_: common.Dist) -> dict:
     steps_per_epoch = len(loader) // accum
     if steps_per_epoch == 0:
         raise SystemExit(f"{len(train_set)} training images are fewer than one batch of {cfg.batch_size}")
-    targets_of = make_targets(cfg, num_classes)
+    targets_of = make_targets(cfg, len(classes))
 
-    # Model and optimizer; resume from out_dir, or initialise from init_from.
-    args = model_args(cfg, num_classes)
-    probe = {"block": cfg.probe_block, "num_classes": num_classes} if probe_mode else None
-    net = build_model(args, probe, cfg.init_scale).to(dist_.device)  # before the optimizer: states go beside weights
-    if probe_mode:
-        base_lr, final_lr = cfg.probe_lr * cfg.batch_size / 256, 0.0
-        optimizer = torch.optim.SGD(net.head.parameters(), lr=base_lr, momentum=0.9,
-                                    weight_decay=cfg.probe_weight_decay)
-    else:
-        base_lr, final_lr = cfg.lr * cfg.batch_size / 1024, cfg.min_lr
-        groups = common.param_groups(net, cfg.weight_decay, cfg.layer_decay, len(net.blocks))
-        optimizer = common.adamw(groups, base_lr, cfg.betas, cfg.eps, dist_.device)
+    # Model and optimizer (the new head's init is the same on every rank and in every rerun).
+    common.seed_everything(cfg.seed)
+    args = model_args(cfg, len(classes))
+    probe = {"block": cfg.probe_block, "num_classes": len(classes)} if cfg.linear_probe else None
+    net = build_model(args, probe, cfg.init_scale).to(dev)  # before the optimizer: states go beside weights
+    optimizer, base_lr, final_lr = make_optimizer(cfg, net, dev)
+
+    # Resume from out_dir, or initialise from init_from.
     ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
-    step, state = 0, {"best_top1": -1.0, "metrics": {}}
     out_lock = common.prepare_out_dir(cfg.out_dir, dist_.is_main)  # writable, not in use; held while fit runs
-    if os.path.isfile(ckpt_path):
-        ckpt = common.load_checkpoint(ckpt_path, stage="finetune")
-        if ckpt.get("model_args") != args or ckpt.get("probe") != probe:
-            raise SystemExit(f"{ckpt_path} holds a run of another model or task ({ckpt.get('model_args')}, "
-                             f"probe {ckpt.get('probe')}); choose a new out_dir to start a new run")
-        net.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, state = ckpt["step"], {"best_top1": ckpt["best_top1"], "metrics": ckpt["metrics"]}
-        common.set_rng_states(ckpt["rng"])
-        dist_.print(f"resuming from {ckpt_path} at step {step}")
-    else:
-        if cfg.init_from:
-            init_model(net, cfg.init_from, log=dist_.print)
-        else:
-            dist_.print("init_from='': training from random initialisation")
-        if dist_.is_main:
-            os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt = common.resume(ckpt_path, net, optimizer, dist_, "finetune", model_args=args, probe=probe)
+    if ckpt is None and cfg.init_from:
+        init_model(net, cfg.init_from, log=dist_.print)
+    elif ckpt is None:
+        dist_.print("init_from='': training from random initialisation")
+    step = ckpt["step"] if ckpt else 0
+    keep = ("best_top1", "metrics", "evaluated", "train_loss", "images_per_s", "epoch_sums")
+    state = {k: ckpt[k] for k in keep} if ckpt else {"best_top1": -1.0, "metrics": {}, "evaluated": 0,
+                                                    "train_loss": None, "images_per_s": None, "epoch_sums": [0, 0]}
     total_steps = epochs * steps_per_epoch
-    if step >= total_steps:
+    last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    if step >= total_steps and state["evaluated"] == epochs:
         dist_.print(f"{ckpt_path} has finished all {epochs} epochs; nothing to train")
-        return dict(state["metrics"], best_top1=state["best_top1"], epochs=epochs)
-
     model = dist_.wrap(net, cfg.compile)
-
-    def loss_of(batch, step, micro):
-        images, targets = targets_of(*batch)  # MixUp/CutMix per micro-batch, then label smoothing
-        return soft_cross_entropy(model(images), targets)
-
-    def lr_at(step):
-        return common.cosine_schedule(step, total_steps, warmup_epochs * steps_per_epoch, base_lr, final_lr), None
-
-    def save(step, path=ckpt_path):
-        if dist_.is_main:
-            common.save_checkpoint({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                                    "epoch": step // steps_per_epoch, "config": vars(cfg).copy(),
-                                    "model_args": args, "probe": probe, "classes": list(classes), **state,
-                                    "rng": common.rng_states(), "stage": "finetune"}, path)
-
-    def end_of_epoch(epoch, step, mean_loss, images_per_s):
-        if step % steps_per_epoch:  # stopped by max_steps mid-epoch: evaluate when the epoch is complete
-            save(step)
-            return
-        metrics = evaluate(net, val_loader, dist_)
-        improved = metrics["top1"] > state["best_top1"]
-        state.update(metrics=metrics, best_top1=max(state["best_top1"], metrics["top1"]))
-        save(step)
-        if improved:
-            save(step, best_path)
-        if dist_.is_main:
-            common.log_json(os.path.join(cfg.out_dir, "log.jsonl"), {
-                "epoch": epoch, "step": step, "train_loss": mean_loss, "lr": optimizer.param_groups[-1]["lr"],
-                "val_top1": metrics["top1"], "val_top5": metrics["top5"], "val_loss": metrics["loss"],
-                "best_top1": state["best_top1"], "images_per_s": images_per_s, "time": time.time()})
-        dist_.print(f"epoch {epoch}: train loss {mean_loss:.4f}, val top-1 {metrics['top1']:.2f}, top-5 "
-                    f"{metrics['top5']:.2f} (best {state['best_top1']:.2f}), step {step}/{total_steps}")
-
     trainable = [p for p in net.parameters() if p.requires_grad]
-    common.train(dist_, model, optimizer, loader, loss_of, step=step, total_steps=total_steps, accum=accum,
-                 lr_at=lr_at, save=save, out_dir=cfg.out_dir, seed=cfg.seed, max_steps=cfg.max_steps,
-                 grad_clip=cfg.grad_clip, params=trainable, log_interval=cfg.log_interval, on_epoch=end_of_epoch)
+    extra = dict(config=vars(cfg).copy(), model_args=args, probe=probe, classes=list(classes), stage="finetune")
+
+    with common.StopOnSignal() as stop:
+        while True:
+            epoch, skip = common.position(step, steps_per_epoch, accum)
+            if state["evaluated"] < epoch:  # the epoch before is complete (perhaps in an earlier run): evaluate it
+                metrics = evaluate(net, val_loader, dist_)
+                improved = metrics["top1"] > state["best_top1"]
+                state.update(metrics=metrics, best_top1=max(state["best_top1"], metrics["top1"]), evaluated=epoch)
+                common.save_state(ckpt_path, dist_, net, optimizer, step, metrics["loss"], epoch=epoch, **extra,
+                                  **state)
+                if improved:
+                    common.save_state(best_path, dist_, net, optimizer, step, metrics["loss"], epoch=epoch,
+                                      **extra, **state)
+                if dist_.is_main:
+                    common.log_json(os.path.join(cfg.out_dir, "log.jsonl"), {
+                        "epoch": epoch - 1, "step": step, "train_loss": state["train_loss"],
+                        "lr": optimizer.param_groups[-1]["lr"], "val_top1": metrics["top1"],
+                        "val_top5": metrics["top5"], "val_loss": metrics["loss"], "best_top1": state["best_top1"],
+                        "images_per_s": state["images_per_s"], "time": time.time()})
+                dist_.print(f"epoch {epoch - 1}: train loss {state['train_loss']:.4f}, val top-1 "
+                            f"{metrics['top1']:.2f}, top-5 {metrics['top5']:.2f} (best {state['best_top1']:.2f}), "
+                            f"step {step}/{total_steps}")
+            if step >= last_step or stop.now(dist_, sync_point=True):  # also a stop asked for while evaluating
+                break
+
+            batches = common.epoch_batches(loader, epoch, cfg.seed, skip)
+            bar = common.progress(batches, dist_, desc=f"epoch {epoch}", unit="step",
+                                  total=steps_per_epoch - step % steps_per_epoch)
+            net.train()
+            sums, t0, seen = torch.zeros(2, device=dev), time.time(), 0
+            epoch_sums = torch.tensor(state["epoch_sums"], dtype=torch.float32, device=dev)
+            for micro, (images, labels) in enumerate(bar.iterable, start=skip):
+                images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
+                common.seed_step(cfg.seed, dist_.rank, step, micro % accum)  # MixUp, CutMix, drop path: by position
+                images, targets = targets_of(images, labels)  # MixUp/CutMix per micro-batch, then label smoothing
+                last_micro = (micro + 1) % accum == 0
+                with common.no_sync(model, dist_, sync=last_micro), dist_.autocast():
+                    loss = soft_cross_entropy(model(images), targets)
+                    (loss / accum).backward()
+                sums += torch.stack([loss.detach().float(), torch.ones((), device=dev)])
+                seen += len(images) * dist_.world_size
+                if not last_micro:
+                    continue
+                lr = common.cosine_schedule(step, total_steps, warmup_epochs * steps_per_epoch, base_lr, final_lr)
+                common.set_lr(optimizer, lr)
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                bar.update()
+                log_step = step % cfg.log_interval == 0 or step == last_step
+                if log_step:  # a GPU sync: only every log_interval steps
+                    mean = common.mean_loss(sums, dist_, step, cfg.out_dir)
+                    bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}", img_s=f"{seen / (time.time() - t0):.0f}")
+                    epoch_sums += sums
+                    sums.zero_()
+                stopping = stop.now(dist_, sync_point=log_step)
+                if stopping or step == last_step or step % steps_per_epoch == 0:
+                    break  # an incomplete accumulation at the epoch's end is dropped
+            bar.close()
+
+            # Checkpoint at the epoch's end (evaluated above, next), at the last step and when stopped.
+            epoch_sums += sums
+            done = step % steps_per_epoch == 0
+            state.update(train_loss=common.mean_loss(epoch_sums, dist_, step, cfg.out_dir),
+                         images_per_s=seen / (time.time() - t0), epoch_sums=[0, 0] if done else epoch_sums.tolist())
+            net.eval()
+            with torch.no_grad(), dist_.autocast():  # the loss of the weights about to be saved
+                check = soft_cross_entropy(net(images), targets).item()
+            common.save_state(ckpt_path, dist_, net, optimizer, step, check, epoch=step // steps_per_epoch, **extra,
+                              **state)
     return dict(state["metrics"], best_top1=state["best_top1"], epochs=epochs)
 
 
@@ -418,7 +449,7 @@ def main(config: dict):
     dist_ = common.Dist(cfg.device)
     try:
         if cfg.demo_data:
-            dist_.on_main(common.make_demo_dataset, cfg.demo_data, size=cfg.img_size, seed=cfg.seed)
+            dist_.on_main(make_demo_dataset, cfg.demo_data, size=cfg.img_size, seed=cfg.seed)
         if cfg.init_from and not os.path.isfile(cfg.init_from):
             raise SystemExit(f"init_from={cfg.init_from!r} does not exist (a checkpoint of pretrain.py or "
                              f"finetune.py; '' trains from random initialisation)")

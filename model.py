@@ -128,12 +128,12 @@ class Block(nn.Module):
 class VisionTransformer(nn.Module):
     def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, layer_scale=0.1,
                  drop_path=0.0, abs_pos=False, shared_rel_pos=True, block_rel_pos=True, mask_token=False,
-                 out_dim=0, num_classes=0, in_chans=3):
+                 out_dim=0, num_classes=0):
         super().__init__()
         self.img_size, self.patch_size, self.embed_dim = img_size, patch_size, embed_dim
         self.grid = (img_size // patch_size, img_size // patch_size)
         self.num_patches = self.grid[0] * self.grid[1]
-        self.patch_embed = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
+        self.patch_embed = nn.Conv2d(3, embed_dim, patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if mask_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, embed_dim)) if abs_pos else None

@@ -12,6 +12,7 @@ import os
 import random
 import time
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from torchvision.transforms import v2
 
 import common
 from configurator import Range, at_least, configure
+from demo_data import make_demo_dataset
 from model import SIZES, VisionTransformer
 from morph import dtm_loss, sample_schedule, schedule_tensor
 
@@ -217,119 +219,161 @@ class CheckpointTeacher(torch.nn.Module):
         return self.net(normalize(images_uint8, self.mean, self.std))
 
 
-def build_teacher(device: torch.device) -> torch.nn.Module:
-    net = CheckpointTeacher(teacher) if os.path.isfile(teacher) else ClipTeacher(teacher, teacher_pretrained,
-                                                                                 teacher_overrides)
+def build_teacher(teacher: str, pretrained: str, overrides: dict, device: torch.device) -> torch.nn.Module:
+    """The frozen teacher: a checkpoint of this project if `teacher` is a file, else an open_clip model."""
+    net = CheckpointTeacher(teacher) if os.path.isfile(teacher) else ClipTeacher(teacher, pretrained, overrides)
     net = net.to(device).eval().requires_grad_(False)
     return net.to(torch.bfloat16) if device.type == "cuda" else net
 
 
-# ----------------------------------------------------------------------------------------------------- main
-def model_args(out_dim: int) -> dict:
-    size = dict(SIZES[model])
+def check_patch_grid(teacher: torch.nn.Module, img_size: int, patch_size: int, device: torch.device):
+    """Teacher and student must see the same patch grid: one target per student token."""
+    grid = img_size // patch_size
+    with torch.no_grad():
+        tokens = teacher(torch.zeros(1, 3, img_size, img_size, device=device)).shape[1]
+    if tokens != grid * grid:
+        raise SystemExit(f"the teacher gives {tokens} tokens for a {img_size}px image, the student {grid * grid} "
+                         f"(patch_size={patch_size}): give them the same patch grid")
+
+
+# --------------------------------------------------------------------------------------------------- student
+def model_args(size: str, out_dim: int, img_size: int, patch_size: int, depth: int = 0, layer_scale: float = 0.0,
+               drop_path: float = 0.0, abs_pos: bool = False) -> dict:
+    """The student's VisionTransformer arguments: a BEiT v2 ViT of `size` with a mask token and a linear
+    head predicting the teacher's `out_dim`-wide tokens; depth, layer_scale 0: the size's own."""
+    args = dict(SIZES[size])
     if depth:
-        size["depth"] = depth
+        args["depth"] = depth
     if layer_scale:
-        size["layer_scale"] = layer_scale
-    return dict(size, img_size=img_size, patch_size=patch_size, drop_path=drop_path, abs_pos=abs_pos,
+        args["layer_scale"] = layer_scale
+    return dict(args, img_size=img_size, patch_size=patch_size, drop_path=drop_path, abs_pos=abs_pos,
                 shared_rel_pos=True, block_rel_pos=True, mask_token=True, out_dim=out_dim)
 
 
-def check_masking(grid: int):
+def check_masking(num_masked: int, img_size: int, patch_size: int):
     """Block masking can mask at most the whole grid: more would silently train almost unmasked."""
+    grid = img_size // patch_size
     if not num_masked <= grid * grid:
         raise SystemExit(f"num_masked={num_masked} is more than the {grid * grid} patches of the {grid}x{grid} grid "
                          f"(img_size={img_size} / patch_size={patch_size}); BEiT masks 75 of 196 (about 40%)")
 
 
-def main(config: dict):
-    dist_ = common.Dist(device)
-    common.seed_everything(seed + dist_.rank)
-    accum = dist_.accumulation_steps(batch_size, micro_batch_size)
-    if demo_data:
-        dist_.on_main(common.make_demo_dataset, demo_data, size=img_size, seed=seed)
+def dtm_step_loss(net, teacher, images, masks, schedules, loss: str, beta: float, loss_fn=dtm_loss):
+    """One micro-batch: the teacher's tokens of the full image are the targets of the student's predictions
+    for the masked image, compared after morphing both with the same token groups (morph.py)."""
+    with torch.no_grad():
+        targets = teacher(images).float()
+    pred = net(normalize(images, common.IMAGENET_MEAN, common.IMAGENET_STD), masks)
+    return loss_fn(pred, targets, schedules, loss, beta)
 
-    # Data, teacher, student, optimizer.
-    grid = img_size // patch_size
-    check_masking(grid)
+
+# ----------------------------------------------------------------------------------------------------- main
+def main(cfg: SimpleNamespace):
+    dist_ = common.Dist(cfg.device)
+    dev = dist_.device
+    accum = dist_.accumulation_steps(cfg.batch_size, cfg.micro_batch_size)
+    check_masking(cfg.num_masked, cfg.img_size, cfg.patch_size)
+    if cfg.demo_data:
+        dist_.on_main(make_demo_dataset, cfg.demo_data, size=cfg.img_size, seed=cfg.seed)
+
+    # Data: each image's crop, flip, colour jitter and mask are drawn from (seed, epoch, index).
     try:
-        images = common.ImageFolder(data_dir)
+        folder = common.ImageFolder(cfg.data_dir)
     except FileNotFoundError as e:
         raise SystemExit(f"data_dir: {e}") from None
-    dataset = MaskedImages(images, img_size, BlockMasking(grid, num_masked, min_block))
-    loader = common.data_loader(dataset, micro_batch_size, dist_, train=True, workers=workers, seed=seed)
+    masking = BlockMasking(cfg.img_size // cfg.patch_size, cfg.num_masked, cfg.min_block)
+    dataset = common.SeededSamples(MaskedImages(folder, cfg.img_size, masking), cfg.seed)
+    loader = common.data_loader(dataset, cfg.micro_batch_size, dist_, train=True, workers=cfg.workers, seed=cfg.seed)
     steps_per_epoch = len(loader) // accum
     if steps_per_epoch == 0:
-        raise SystemExit(f"{data_dir!r} has {len(dataset)} images, fewer than one batch of {batch_size}")
-    teacher_net = build_teacher(dist_.device)
-    with torch.no_grad():
-        teacher_tokens = teacher_net(torch.zeros(1, 3, img_size, img_size, device=dist_.device)).shape[1]
-    if teacher_tokens != grid * grid:
-        raise SystemExit(f"the teacher gives {teacher_tokens} tokens for a {img_size}px image, the student "
-                         f"{grid * grid} (patch_size={patch_size}): give them the same patch grid")
-    args = model_args(teacher_net.out_dim)
-    student = VisionTransformer(**args).to(dist_.device)
-    base_lr = lr * math.sqrt(batch_size / 2048)
-    optimizer = common.adamw(common.param_groups(student, weight_decay), base_lr, betas, eps, dist_.device)
+        raise SystemExit(f"{cfg.data_dir!r} has {len(dataset)} images, fewer than one batch of {cfg.batch_size}")
 
-    out_lock = common.prepare_out_dir(out_dir, dist_.is_main)  # writable, not in use; held while the run lives
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    step = 0
-    if os.path.isfile(ckpt_path):
-        ckpt = common.load_checkpoint(ckpt_path, stage="pretrain")
-        if ckpt.get("model_args") != args:
-            raise SystemExit(f"{ckpt_path} holds a run of another model ({ckpt.get('model_args')}); "
-                             f"choose a new out_dir to start a new run")
-        student.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        common.set_rng_states(ckpt["rng"])
-        dist_.print(f"resuming from {ckpt_path} at step {step}")
-    elif dist_.is_main:
-        os.makedirs(out_dir, exist_ok=True)
+    # Teacher, student, optimizer (the same random init on every rank).
+    common.seed_everything(cfg.seed)
+    teacher = build_teacher(cfg.teacher, cfg.teacher_pretrained, cfg.teacher_overrides, dev)
+    check_patch_grid(teacher, cfg.img_size, cfg.patch_size, dev)
+    args = model_args(cfg.model, teacher.out_dim, cfg.img_size, cfg.patch_size, cfg.depth, cfg.layer_scale,
+                      cfg.drop_path, cfg.abs_pos)
+    student = VisionTransformer(**args).to(dev)
+    base_lr = cfg.lr * math.sqrt(cfg.batch_size / 2048)
+    optimizer = common.adamw(common.param_groups(student, cfg.weight_decay), base_lr, cfg.betas, cfg.eps, dev)
 
-    model = dist_.wrap(student, compile)
-    loss_fn = torch.compile(dtm_loss) if compile else dtm_loss
-    rng = random.Random()
+    # Resume: a run whose out_dir holds ckpt.pt goes on from its last complete optimizer step.
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    out_lock = common.prepare_out_dir(cfg.out_dir, dist_.is_main)  # writable, not in use; held while the run lives
+    ckpt = common.resume(ckpt_path, student, optimizer, dist_, "pretrain", model_args=args)
+    step = ckpt["step"] if ckpt else 0
+    epoch_sums = torch.tensor(ckpt["epoch_sums"] if ckpt else [0.0, 0.0], device=dev)  # [loss sum, count]
+    net = dist_.wrap(student, cfg.compile)  # DDP (and torch.compile); `student` keeps the plain weights
+    loss_fn = torch.compile(dtm_loss) if cfg.compile else dtm_loss
+    total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+    last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
 
-    def loss_of(batch, step, micro):
-        images, masks = batch
-        rng.seed(f"{seed}-{dist_.rank}-{step}-{micro % accum}")  # schedules per GPU, a function of the position
-        schedules = schedule_tensor([sample_schedule(n_max, k_max, rng) for _ in range(num_schedules)] if dtm else [],
-                                    dist_.device)
-        with torch.no_grad():
-            targets = teacher_net(images).float()
-        pred = model(normalize(images, common.IMAGENET_MEAN, common.IMAGENET_STD), masks)
-        return loss_fn(pred, targets, schedules, loss, beta)
+    with common.StopOnSignal() as stop:
+        while step < last_step:
+            epoch, skip = common.position(step, steps_per_epoch, accum)
+            batches = common.epoch_batches(loader, epoch, cfg.seed, skip)
+            bar = common.progress(batches, dist_, desc=f"epoch {epoch}", unit="step",
+                                  total=steps_per_epoch - step % steps_per_epoch)
+            student.train()
+            sums, t0, seen = torch.zeros(2, device=dev), time.time(), 0
+            for micro, (images, masks) in enumerate(bar.iterable, start=skip):
+                images, masks = images.to(dev, non_blocking=True), masks.to(dev, non_blocking=True)
+                common.seed_step(cfg.seed, dist_.rank, step, micro % accum)  # drop path and schedules, by position
+                schedules = schedule_tensor([sample_schedule(cfg.n_max, cfg.k_max, random)
+                                             for _ in range(cfg.num_schedules if cfg.dtm else 0)], dev)
+                last_micro = (micro + 1) % accum == 0
+                with common.no_sync(net, dist_, sync=last_micro), dist_.autocast():
+                    loss = dtm_step_loss(net, teacher, images, masks, schedules, cfg.loss, cfg.beta, loss_fn)
+                    (loss / accum).backward()
+                sums += torch.stack([loss.detach().float(), torch.ones((), device=dev)])
+                seen += len(images) * dist_.world_size
+                if not last_micro:
+                    continue
+                lr = common.cosine_schedule(step, total_steps, warmup_steps, base_lr, cfg.min_lr)
+                weight_decay = common.cosine_schedule(step, total_steps, 0, cfg.weight_decay, cfg.weight_decay_end)
+                common.set_lr(optimizer, lr, weight_decay)
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                bar.update()
+                log_step = step % cfg.log_interval == 0 or step == last_step
+                if log_step:  # a GPU sync: only every log_interval steps
+                    mean = common.mean_loss(sums, dist_, step, cfg.out_dir)
+                    bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}", img_s=f"{seen / (time.time() - t0):.0f}")
+                    epoch_sums += sums
+                    sums.zero_()
+                stopping = stop.now(dist_, sync_point=log_step)
+                if stopping or step == last_step or step % steps_per_epoch == 0:
+                    break  # an incomplete accumulation at the epoch's end is dropped
+            bar.close()
 
-    total_steps = epochs * steps_per_epoch
-    warmup_steps = warmup_epochs * steps_per_epoch
-
-    def lr_at(step):
-        return (common.cosine_schedule(step, total_steps, warmup_steps, base_lr, min_lr),
-                common.cosine_schedule(step, total_steps, 0, weight_decay, weight_decay_end))
-
-    def save(step):
-        if dist_.is_main:
-            common.save_checkpoint({"model": student.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                                    "config": config, "model_args": args, "rng": common.rng_states(),
-                                    "stage": "pretrain"}, ckpt_path)
-
-    def end_of_epoch(epoch, step, mean_loss, images_per_s):
-        save(step)
-        if dist_.is_main:
-            common.log_json(os.path.join(out_dir, "log.jsonl"), {
-                "epoch": epoch, "step": step, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
-                "images_per_s": images_per_s, "time": time.time()})
-        dist_.print(f"epoch {epoch}: loss {mean_loss:.4f}, step {step}/{total_steps}")
-
-    common.train(dist_, model, optimizer, loader, loss_of, step=step, total_steps=total_steps, accum=accum,
-                 lr_at=lr_at, save=save, out_dir=out_dir, seed=seed, max_steps=max_steps, grad_clip=grad_clip,
-                 params=student.parameters(), log_interval=log_interval, on_epoch=end_of_epoch)
+            # Checkpoint at the epoch's end, at the last step and when stopped; log complete epochs.
+            epoch_sums += sums
+            mean = common.mean_loss(epoch_sums, dist_, step, cfg.out_dir)
+            student.eval()
+            with torch.no_grad(), dist_.autocast():  # the loss of the weights about to be saved
+                check = dtm_step_loss(student, teacher, images, masks, schedules, cfg.loss, cfg.beta).item()
+            epoch_done = step % steps_per_epoch == 0
+            common.save_state(ckpt_path, dist_, student, optimizer, step, check, stage="pretrain", config=vars(cfg),
+                              model_args=args, epoch_sums=[0.0, 0.0] if epoch_done else epoch_sums.tolist())
+            if dist_.is_main and (epoch_done or step == last_step):
+                common.log_json(os.path.join(cfg.out_dir, "log.jsonl"), {
+                    "epoch": epoch, "step": step, "loss": mean, "lr": optimizer.param_groups[0]["lr"],
+                    "images_per_s": seen / (time.time() - t0), "time": time.time()})
+                print(f"epoch {epoch}: loss {mean:.4f}, step {step}/{total_steps}", flush=True)
+            if epoch_done:
+                epoch_sums.zero_()
+            if stopping:
+                dist_.print(f"stopped: saved {ckpt_path} at step {step}; run the same command to resume")
+                break
     if dist_.world_size > 1:  # DDP keeps replicas identical; print a fingerprint so that is easy to check
-        print(f"rank {dist_.rank}: weights sha256 {common.weights_digest(student.state_dict())}", flush=True)
+        dist_.barrier()  # after rank 0's epoch line; one write per line, so that lines of two ranks never mix
+        print(f"rank {dist_.rank}: weights sha256 {common.weights_digest(student.state_dict())}\n", end="", flush=True)
     dist_.close()
 
 
 if __name__ == "__main__":
-    main(configure(globals(), rules=RULES))
+    main(SimpleNamespace(**configure(globals(), rules=RULES)))

@@ -12,6 +12,7 @@ already holds ckpt.pt resumes from it, at the iteration where it stopped.
 import contextlib
 import os
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -22,7 +23,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 import common
-from configurator import Range, at_least, configure
+from configurator import Range, at_least, configure, settings_of
+from demo_data import SHAPES, TEXTURES, make_demo_dataset
 from model import SIZES, UperNetSegmenter, VisionTransformer, checkpoint_model_args, default_out_indices, \
     load_backbone
 
@@ -347,51 +349,67 @@ def poly_lr(it: int, total: int, warmup: int, base: float, power_: float, min_lr
     return lr_
 
 
-def backbone_args_from(ckpt_args: dict) -> dict:
+def backbone_args_from(ckpt_args: dict, crop_size: int, drop_path: float) -> dict:
     """A pre-training or fine-tuning checkpoint's architecture as a segmentation backbone: input crop_size,
     per-block position tables only (the shared one is folded in by load_backbone), no heads."""
     return dict(ckpt_args, img_size=crop_size, drop_path=drop_path, shared_rel_pos=False, block_rel_pos=True,
                 mask_token=False, out_dim=0, num_classes=0)
 
 
-def build_segmenter(dist_: common.Dist):
-    """The segmenter and its (backbone_args, head_args), initialised from init_from where given."""
-    ckpt = common.load_checkpoint(init_from) if init_from else None
-    head_args = dict(num_classes=num_classes, channels=channels, aux_channels=aux_channels, dropout=dropout)
+def head_args_of(cfg) -> dict:
+    return dict(num_classes=cfg.num_classes, channels=cfg.channels, aux_channels=cfg.aux_channels,
+                dropout=cfg.dropout)
+
+
+def build_segmenter(cfg, dist_: common.Dist):
+    """The segmenter and its (backbone_args, head_args), initialised from cfg.init_from where given."""
+    ckpt = common.load_checkpoint(cfg.init_from) if cfg.init_from else None
+    head_args = head_args_of(cfg)
     if ckpt is not None and "head_args" in ckpt:  # a segmentation checkpoint: take the whole network
         args = dict(ckpt["backbone_args"])
-        head_args["out_indices"] = out_indices or ckpt["head_args"]["out_indices"]
-        wanted = dict(head_args, crop_size=crop_size)
+        head_args["out_indices"] = cfg.out_indices or ckpt["head_args"]["out_indices"]
+        wanted = dict(head_args, crop_size=cfg.crop_size)
         have = dict(ckpt["head_args"], crop_size=args["img_size"])
         diff = [f"{k}: checkpoint {have[k]!r} vs setting {wanted[k]!r}" for k in wanted if have[k] != wanted[k]]
         if diff:
-            raise SystemExit(f"init_from={init_from!r} is a segmenter of another shape:\n  " + "\n  ".join(diff))
+            raise SystemExit(f"init_from={cfg.init_from!r} is a segmenter of another shape:\n  " + "\n  ".join(diff))
         net = UperNetSegmenter(VisionTransformer(**args), **head_args)
         net.load_state_dict(ckpt["model"])
-        dist_.print(f"loaded segmenter {init_from} (iteration {ckpt.get('step')})")
+        dist_.print(f"loaded segmenter {cfg.init_from} (iteration {ckpt.get('step')})")
         return net, args, head_args
-    if eval_only:
+    if cfg.eval_only:
         raise SystemExit(f"eval_only needs a segmentation checkpoint (best.pt or ckpt.pt of segment.py), but "
-                         f"init_from={init_from!r} holds no segmentation head" if init_from else
+                         f"init_from={cfg.init_from!r} holds no segmentation head" if cfg.init_from else
                          "eval_only needs trained weights: give --init_from=<a segmentation checkpoint> or an "
                          "out_dir that holds ckpt.pt")
     if ckpt is not None:
         try:
-            args = backbone_args_from(checkpoint_model_args(ckpt))
+            args = backbone_args_from(checkpoint_model_args(ckpt), cfg.crop_size, cfg.drop_path)
         except ValueError as e:
-            raise SystemExit(f"init_from={init_from!r}: {e}") from e
+            raise SystemExit(f"init_from={cfg.init_from!r}: {e}") from e
     else:
         dist_.print("!" * 80 + "\ninit_from='' : the backbone is RANDOMLY INITIALISED (a baseline, not DTM).\n" + "!" * 80)
-        size = dict(SIZES[model], depth=depth or SIZES[model]["depth"])
-        args = backbone_args_from(dict(size, patch_size=patch_size, abs_pos=False, layer_scale=size["layer_scale"]))
-    head_args["out_indices"] = list(out_indices) or default_out_indices(args["depth"])
+        size = dict(SIZES[cfg.model], depth=cfg.depth or SIZES[cfg.model]["depth"])
+        args = backbone_args_from(dict(size, patch_size=cfg.patch_size, abs_pos=False, layer_scale=size["layer_scale"]),
+                                  cfg.crop_size, cfg.drop_path)
+    head_args["out_indices"] = list(cfg.out_indices) or default_out_indices(args["depth"])
     net = UperNetSegmenter(VisionTransformer(**args), **head_args)
     if ckpt is not None:
         try:
             load_backbone(net.backbone, ckpt, log=dist_.print)
         except ValueError as e:
-            raise SystemExit(f"init_from={init_from!r}: {e}") from e
+            raise SystemExit(f"init_from={cfg.init_from!r}: {e}") from e
     return net, args, head_args
+
+
+def build_from(cfg, ckpt: dict, path: str):
+    """The segmenter of a resumed run, shaped by its own checkpoint (weights: common.resume), refusing a run
+    of another shape."""
+    args, head = ckpt["backbone_args"], ckpt["head_args"]
+    if any(head[k] != v for k, v in head_args_of(cfg).items()) or args["img_size"] != cfg.crop_size:
+        raise SystemExit(f"{path} holds a run of another model ({args}, {head}); choose a new out_dir to start a "
+                         f"new run")
+    return UperNetSegmenter(VisionTransformer(**args), **head), args, head
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -447,7 +465,8 @@ def metrics(stats: torch.Tensor) -> dict:
             "IoU": (100 * iou).tolist(), "Acc": (100 * acc).tolist()}
 
 
-def evaluate(net, dataset: ADE20K, dist_: common.Dist, n_classes: int, autocast: bool = False) -> dict:
+def evaluate(net, dataset: ADE20K, dist_: common.Dist, n_classes: int, crop_size: int, stride: int,
+             workers: int = 0, autocast: bool = False) -> dict:
     """Each rank scores its share of the images (every image exactly once); counts are summed over ranks.
     In fp32 unless `autocast` (BEiT v2 evaluates in fp32: bf16 would round the position bias and the logits)."""
     net.eval()
@@ -456,7 +475,7 @@ def evaluate(net, dataset: ADE20K, dist_: common.Dist, n_classes: int, autocast:
     stats = torch.zeros(4, n_classes, dtype=torch.int64, device=dist_.device)
     for image, label in common.progress(loader, dist_, desc="eval", unit="img", leave=False):
         with dist_.autocast() if autocast else contextlib.nullcontext():
-            logits = slide_inference(net, image.to(dist_.device), crop_size, eval_stride)
+            logits = slide_inference(net, image.to(dist_.device), crop_size, stride)
         pred = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
         stats += area_stats(pred, label.to(dist_.device), n_classes)
     dist_.all_reduce(stats)
@@ -481,8 +500,8 @@ def check_batchnorm_batch(batch_size: int, micro_batch_size: int, world_size: in
 def class_names(n: int) -> list[str]:
     if n == len(ADE20K_CLASSES):
         return list(ADE20K_CLASSES)
-    if n == len(common.DEMO_TEXTURES) + len(common.DEMO_SHAPES):
-        return [f"texture:{t}" for t in common.DEMO_TEXTURES] + [f"shape:{s}" for s in common.DEMO_SHAPES]
+    if n == len(TEXTURES) + len(SHAPES):
+        return [f"texture:{t}" for t in TEXTURES] + [f"shape:{s}" for s in SHAPES]
     return [f"class {k}" for k in range(n)]
 
 
@@ -494,7 +513,7 @@ def format_table(result: dict) -> str:
     return "\n".join(rows)
 
 
-def final_report(result: dict, best_miou: float, dist_: common.Dist) -> dict:
+def final_report(result: dict, best_miou: float, out_dir: str, dist_: common.Dist) -> dict:
     """The result is the last evaluation (the weights in ckpt.pt), as BEiT v2 reports it. The best mIoU over all
     evaluations (best.pt) is extra information only: a maximum over noisy evaluations is biased upwards."""
     if dist_.is_main:
@@ -508,137 +527,147 @@ def final_report(result: dict, best_miou: float, dist_: common.Dist) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------- main
-def main(config: dict):
-    dist_ = common.Dist(device)
-    common.seed_everything(seed + dist_.rank)
-    accum = dist_.accumulation_steps(batch_size, micro_batch_size)
-    sync_bn = dist_.world_size > 1 and dist_.device.type == "cuda"  # SyncBatchNorm runs on GPUs only
-    if micro_batch_size < 2 and not sync_bn and not eval_only:
-        raise SystemExit("micro_batch_size=1 without SyncBatchNorm: BatchNorm needs 2 images (use 2 or more)")
-    if not eval_only:
-        check_batchnorm_batch(batch_size, micro_batch_size, dist_.world_size, sync_bn, micro_batch_bn)
-    if demo_data:
-        dist_.on_main(common.make_demo_dataset, demo_data, seed=seed)
-    try:
-        root = find_root(data_dir)
-        val_set = ADE20K(root, "validation", num_classes, eval_transform(scale))
-    except FileNotFoundError as e:
-        raise SystemExit(f"data error: {e}") from e
-    ckpt_path, best_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "best.pt")
-    out_lock = common.prepare_out_dir(out_dir, dist_.is_main)  # writable, not in use; held while the run lives
+def settings(**overrides) -> SimpleNamespace:
+    """This script's default settings with `overrides` applied: the `cfg` that main() takes."""
+    return common.settings(settings_of(globals()), overrides, "segment.py")
 
-    # Model: a resumed run's own checkpoint wins over init_from.
-    resume = common.load_checkpoint(ckpt_path, stage="segment") if os.path.isfile(ckpt_path) and not (eval_only and init_from) else None
-    segmenter, backbone_args, head_args = build_segmenter(dist_) if resume is None else build_from(resume, dist_)
-    segmenter = segmenter.to(dist_.device)
-    if eval_only:
-        result = evaluate(segmenter, val_set, dist_, num_classes, eval_autocast)
-        dist_.print(format_table(result))
-        if dist_.is_main:
-            os.makedirs(out_dir, exist_ok=True)
-            common.log_json(os.path.join(out_dir, "log.jsonl"), {"eval_only": init_from or ckpt_path, **result})
-        dist_.close()
-        return result
 
-    try:
-        train_set = ADE20K(root, "training", num_classes,
-                           train_transform(crop_size, scale, ratio_range, cat_max_ratio), seed=seed)
-    except FileNotFoundError as e:
-        raise SystemExit(f"data error: {e}") from e
-    loader = common.data_loader(train_set, micro_batch_size, dist_, train=True, workers=workers, seed=seed)
-    steps_per_epoch = len(loader) // accum
-    if steps_per_epoch == 0:
-        raise SystemExit(f"{root} has {len(train_set)} training images, fewer than one batch of {batch_size}")
-    if sync_bn:
-        segmenter = torch.nn.SyncBatchNorm.convert_sync_batchnorm(segmenter)
-    depth_ = len(segmenter.backbone.blocks)
-    optimizer = common.adamw(common.param_groups(segmenter, weight_decay, layer_decay, depth_), lr, betas, eps,
-                             dist_.device)
-    step, best_miou = 0, -1.0
-    if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
-        step, best_miou = resume["step"], resume["best_miou"]
-        common.set_rng_states(resume["rng"])
-        dist_.print(f"resuming from {ckpt_path} at iteration {step}")
-    elif dist_.is_main:
-        os.makedirs(out_dir, exist_ok=True)
-
-    net = dist_.wrap(segmenter, compile)
-    result = None
-    aux_sum = torch.zeros((), device=dist_.device)  # auxiliary loss since the last log line
-    t0 = time.time()
-
-    def loss_of(batch, step, micro):
-        nonlocal aux_sum
-        images, labels = batch
-        logits, aux_logits = net(images, with_aux=True)
-        loss, _, aux = seg_loss(logits, aux_logits, labels, aux_weight)
-        aux_sum = aux_sum + aux.detach()
-        return loss
-
-    def save(step):
-        if dist_.is_main:
-            common.save_checkpoint({"model": segmenter.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "step": step, "best_miou": best_miou, "config": config,
-                                    "backbone_args": backbone_args, "head_args": head_args,
-                                    "rng": common.rng_states(), "stage": "segment"}, ckpt_path)
-
-    def run_eval(step):
-        nonlocal best_miou, result
-        result = evaluate(segmenter, val_set, dist_, num_classes, eval_autocast)
-        segmenter.train()
-        dist_.print(f"iteration {step}: mIoU {result['mIoU']:.2f}, mAcc {result['mAcc']:.2f}, aAcc {result['aAcc']:.2f}")
-        if dist_.is_main:
-            common.log_json(os.path.join(out_dir, "log.jsonl"), {"iter": step, **result, "time": time.time()})
-            if result["mIoU"] > best_miou:
-                common.save_checkpoint({"model": segmenter.state_dict(), "step": step, "mIoU": result["mIoU"],
-                                        "config": config, "backbone_args": backbone_args,
-                                        "head_args": head_args, "stage": "segment"}, best_path)
-        best_miou = max(best_miou, result["mIoU"])
-
-    def after_step(step, mean_loss):
-        nonlocal aux_sum, t0
-        if mean_loss is not None and dist_.is_main:  # a log step: the loss is already all-reduced
-            micro_batches = log_interval * accum
-            common.log_json(os.path.join(out_dir, "log.jsonl"), {
-                "iter": step, "loss": mean_loss, "aux_loss": aux_sum.item() / micro_batches,
-                "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0),
-                "images_per_s": micro_batches * micro_batch_size * dist_.world_size / (time.time() - t0),
-                "time": time.time(),
-                **({"max_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
-                   if dist_.device.type == "cuda" else {})})
-        if mean_loss is not None:
-            aux_sum, t0 = torch.zeros_like(aux_sum), time.time()
-        if step % eval_interval == 0 or step == iters:
-            run_eval(step)
-        if step % ckpt_interval == 0 or step % eval_interval == 0 or step == last:
-            save(step)
-
-    last = min(iters, max_iters) if max_iters else iters
-    segmenter.train()
-    try:
-        common.train(dist_, net, optimizer, loader, loss_of, step=step, total_steps=iters, accum=accum,
-                     lr_at=lambda step: (poly_lr(step, iters, warmup_iters, lr, power, min_lr), None), save=save,
-                     out_dir=out_dir, seed=seed, max_steps=max_iters, grad_clip=grad_clip,
-                     params=segmenter.parameters(), log_interval=log_interval, on_step=after_step)
-    finally:
-        dist_.close()
-    if result is not None:
-        result = final_report(result, best_miou, dist_)
+def evaluate_only(cfg, segmenter, val_set, dist_: common.Dist, source: str) -> dict:
+    """eval_only: score the loaded segmenter, print the per-class table, log it in out_dir/log.jsonl."""
+    result = evaluate(segmenter, val_set, dist_, cfg.num_classes, cfg.crop_size, cfg.eval_stride, cfg.workers,
+                      cfg.eval_autocast)
+    dist_.print(format_table(result))
+    if dist_.is_main:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        common.log_json(os.path.join(cfg.out_dir, "log.jsonl"), {"eval_only": source, **result})
+    dist_.close()
     return result
 
 
-def build_from(ckpt: dict, dist_: common.Dist):
-    """Rebuild the segmenter of a resumed run from its own checkpoint, refusing a run of another shape."""
-    args, head = ckpt["backbone_args"], ckpt["head_args"]
-    want = dict(num_classes=num_classes, channels=channels, aux_channels=aux_channels, dropout=dropout)
-    if any(head[k] != v for k, v in want.items()) or args["img_size"] != crop_size:
-        raise SystemExit(f"{out_dir}/ckpt.pt holds a run of another model ({args}, {head}); choose a new out_dir "
-                         f"to start a new run")
-    net = UperNetSegmenter(VisionTransformer(**args), **head)
-    net.load_state_dict(ckpt["model"])
-    return net, args, head
+def main(cfg: SimpleNamespace):
+    dist_ = common.Dist(cfg.device)
+    dev = dist_.device
+    accum = dist_.accumulation_steps(cfg.batch_size, cfg.micro_batch_size)
+    sync_bn = dist_.world_size > 1 and dev.type == "cuda"  # SyncBatchNorm runs on GPUs only
+    if cfg.micro_batch_size < 2 and not sync_bn and not cfg.eval_only:
+        raise SystemExit("micro_batch_size=1 without SyncBatchNorm: BatchNorm needs 2 images (use 2 or more)")
+    if not cfg.eval_only:
+        check_batchnorm_batch(cfg.batch_size, cfg.micro_batch_size, dist_.world_size, sync_bn, cfg.micro_batch_bn)
+    if cfg.demo_data:
+        dist_.on_main(make_demo_dataset, cfg.demo_data, seed=cfg.seed)
+    try:
+        root = find_root(cfg.data_dir)
+        val_set = ADE20K(root, "validation", cfg.num_classes, eval_transform(cfg.scale))
+    except FileNotFoundError as e:
+        raise SystemExit(f"data error: {e}") from e
+
+    # Model: a resumed run's own checkpoint wins over init_from (the same random init on every rank).
+    common.seed_everything(cfg.seed)
+    ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
+    out_lock = common.prepare_out_dir(cfg.out_dir, dist_.is_main)  # writable, not in use; held while the run lives
+    own = common.load_checkpoint(ckpt_path, "segment") if os.path.isfile(ckpt_path) and not (cfg.eval_only and cfg.init_from) \
+        else None
+    segmenter, backbone_args, head_args = build_segmenter(cfg, dist_) if own is None else \
+        build_from(cfg, own, ckpt_path)
+    segmenter = segmenter.to(dev)
+    if cfg.eval_only:
+        if own is not None:
+            segmenter.load_state_dict(own["model"])
+        return evaluate_only(cfg, segmenter, val_set, dist_, cfg.init_from or ckpt_path)
+
+    # Data: each image's rescale, crop, flip and photometric distortion are drawn from (seed, epoch, index).
+    try:
+        train_set = ADE20K(root, "training", cfg.num_classes,
+                           train_transform(cfg.crop_size, cfg.scale, cfg.ratio_range, cfg.cat_max_ratio), seed=cfg.seed)
+    except FileNotFoundError as e:
+        raise SystemExit(f"data error: {e}") from e
+    loader = common.data_loader(common.SeededSamples(train_set, cfg.seed), cfg.micro_batch_size, dist_, train=True,
+                                workers=cfg.workers, seed=cfg.seed)
+    steps_per_epoch = len(loader) // accum
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{root} has {len(train_set)} training images, fewer than one batch of {cfg.batch_size}")
+    if sync_bn:
+        segmenter = torch.nn.SyncBatchNorm.convert_sync_batchnorm(segmenter)
+    groups = common.param_groups(segmenter, cfg.weight_decay, cfg.layer_decay, len(segmenter.backbone.blocks))
+    optimizer = common.adamw(groups, cfg.lr, cfg.betas, cfg.eps, dev)
+
+    # Resume: weights, optimizer, iteration and the evaluations done so far.
+    ckpt = common.resume(ckpt_path, segmenter, optimizer, dist_, "segment", unit="iteration",
+                         backbone_args=backbone_args, head_args=head_args) if own is not None else None
+    step = ckpt["step"] if ckpt else 0
+    state = {k: ckpt[k] for k in ("best_miou", "evaluated", "result")} if ckpt else \
+        {"best_miou": -1.0, "evaluated": 0, "result": None}
+    last_step = min(cfg.iters, cfg.max_iters) if cfg.max_iters else cfg.iters
+    net = dist_.wrap(segmenter, cfg.compile)
+    extra = dict(config=vars(cfg), backbone_args=backbone_args, head_args=head_args, stage="segment")
+    sums, aux_sum, t0 = torch.zeros(2, device=dev), torch.zeros((), device=dev), time.time()
+    check = 0.0  # the loss of the weights in hand: those of a saved checkpoint were checked when it was saved
+
+    with common.StopOnSignal() as stop:
+        while True:
+            if state["evaluated"] < step and (step % cfg.eval_interval == 0 or step == cfg.iters):
+                result = evaluate(segmenter, val_set, dist_, cfg.num_classes, cfg.crop_size, cfg.eval_stride,
+                                  cfg.workers, cfg.eval_autocast)
+                dist_.print(f"iteration {step}: mIoU {result['mIoU']:.2f}, mAcc {result['mAcc']:.2f}, "
+                            f"aAcc {result['aAcc']:.2f}")
+                if dist_.is_main:
+                    common.log_json(os.path.join(cfg.out_dir, "log.jsonl"),
+                                    {"iter": step, **result, "time": time.time()})
+                if result["mIoU"] > state["best_miou"]:
+                    common.save_state(best_path, dist_, segmenter, optimizer, step, check, mIoU=result["mIoU"], **extra)
+                state.update(best_miou=max(state["best_miou"], result["mIoU"]), evaluated=step, result=result)
+                common.save_state(ckpt_path, dist_, segmenter, optimizer, step, check, **extra, **state)
+            if step >= last_step or stop.now(dist_, sync_point=True):  # also a stop asked for while evaluating
+                break
+
+            epoch, skip = common.position(step, steps_per_epoch, accum)
+            segmenter.train()
+            for micro, (images, labels) in enumerate(common.epoch_batches(loader, epoch, cfg.seed, skip), start=skip):
+                images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
+                common.seed_step(cfg.seed, dist_.rank, step, micro % accum)  # dropout, drop path: by position
+                last_micro = (micro + 1) % accum == 0
+                with common.no_sync(net, dist_, sync=last_micro), dist_.autocast():
+                    logits, aux_logits = net(images, with_aux=True)
+                    loss, _, aux = seg_loss(logits, aux_logits, labels, cfg.aux_weight)
+                    (loss / accum).backward()
+                sums += torch.stack([loss.detach().float(), torch.ones((), device=dev)])
+                aux_sum += aux.detach()
+                if not last_micro:
+                    continue
+                lr = poly_lr(step, cfg.iters, cfg.warmup_iters, cfg.lr, cfg.power, cfg.min_lr)
+                common.set_lr(optimizer, lr)
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(segmenter.parameters(), cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                log_step = step % cfg.log_interval == 0 or step == last_step
+                if log_step:  # a GPU sync: only every log_interval steps
+                    mean, count = common.mean_loss(sums, dist_, step, cfg.out_dir), sums[1].item()
+                    if dist_.is_main:
+                        common.log_json(os.path.join(cfg.out_dir, "log.jsonl"), {
+                            "iter": step, "loss": mean, "aux_loss": aux_sum.item() / count, "lr": lr,
+                            "images_per_s": count * cfg.micro_batch_size * dist_.world_size / (time.time() - t0),
+                            "time": time.time(), **({"max_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+                                                    if dev.type == "cuda" else {})})
+                    sums, aux_sum, t0 = torch.zeros_like(sums), torch.zeros_like(aux_sum), time.time()
+                due = step % cfg.ckpt_interval == 0 or step % cfg.eval_interval == 0 or step == last_step
+                stopping = stop.now(dist_, sync_point=log_step)
+                if due or stopping or step % steps_per_epoch == 0:
+                    break  # an incomplete accumulation at the epoch's end is dropped
+
+            # Checkpoint every ckpt_interval iterations, before each evaluation, at the end and when stopped.
+            if due or stopping:
+                segmenter.eval()
+                with torch.no_grad(), dist_.autocast():  # the loss of the weights about to be saved
+                    check = seg_loss(*segmenter(images, with_aux=True), labels, cfg.aux_weight)[0].item()
+                segmenter.train()
+                common.save_state(ckpt_path, dist_, segmenter, optimizer, step, check, **extra, **state)
+    dist_.close()
+    if state["result"] is None:
+        return None
+    return final_report(state["result"], state["best_miou"], cfg.out_dir, dist_)
 
 
 if __name__ == "__main__":
-    main(configure(globals(), rules=RULES))
+    main(SimpleNamespace(**configure(globals(), rules=RULES)))

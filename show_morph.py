@@ -23,9 +23,9 @@ from PIL import Image, ImageDraw
 from torchvision.transforms import v2
 from torchvision.utils import draw_segmentation_masks, make_grid
 
-import common
 import pretrain
 from configurator import configure
+from demo_data import demo_image
 from morph import morph_groups, schedule_tensor
 
 # ------------------------------------------------------------------------------------------------- settings
@@ -67,7 +67,7 @@ def load_image(size: int) -> torch.Tensor:
     if not image:  # 2x2 tiles of the demo dataset's images: four textures, four shapes
         rng = np.random.default_rng(seed)
         half = size // 2
-        tiles = [common._demo_image(rng, half)[0] for _ in range(4)]
+        tiles = [demo_image(rng, half)[0] for _ in range(4)]
         pixels = np.concatenate([np.concatenate(tiles[:2], 1), np.concatenate(tiles[2:], 1)], 0)
         return v2.Resize(size, antialias=True)(torch.from_numpy(pixels).permute(2, 0, 1).contiguous())
     return fit(Image.open(image).convert("RGB"), size)
@@ -121,11 +121,9 @@ def labelled(panel: torch.Tensor, text: str) -> torch.Tensor:
 def main():
     torch.manual_seed(seed)
     dev = torch.device(device)
-    pretrain.teacher, pretrain.teacher_pretrained, pretrain.teacher_overrides = \
-        teacher, teacher_pretrained, teacher_overrides
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # pretrain.py's banner for a random teacher: said below
-        net = pretrain.build_teacher(dev).float()
+        net = pretrain.build_teacher(teacher, teacher_pretrained, teacher_overrides, dev).float()
     if os.path.isfile(teacher):
         which = f"checkpoint {teacher}"
     elif teacher_pretrained:

@@ -4,21 +4,5 @@
 # get_started_cls.md; the DTM release says to fine-tune with it): 8 GPUs x 128 images, lr 5e-4, layer decay
 # 0.65, drop path 0.1, 100 epochs with 20 warmup, weight decay 0.05, AdamW betas (0.9, 0.999), min lr 1e-6,
 # RandAugment m9 n2, random erasing 0.25, MixUp 0.8, CutMix 1.0, label smoothing 0.1, no gradient clipping.
-# These are also finetune.py's defaults; they are written out here so the recipe is visible in one place.
+# These are finetune.py's defaults: this file only names the run.
 out_dir = "out/finetune_vitb_in1k"
-data_dir = "data/imagenet"  # data/imagenet/train/<wnid>/*.JPEG and data/imagenet/val/<wnid>/*.JPEG
-model = "base"
-img_size = 224
-patch_size = 16
-drop_path = 0.1
-epochs = 100
-warmup_epochs = 20
-batch_size = 1024  # total; lr is scaled linearly from 5e-4 at 1024
-micro_batch_size = 128  # per GPU (8 GPUs: no accumulation)
-lr = 5e-4
-min_lr = 1e-6
-weight_decay = 0.05
-layer_decay = 0.65
-betas = (0.9, 0.999)
-grad_clip = 0.0
-workers = 10

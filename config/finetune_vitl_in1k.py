@@ -3,19 +3,9 @@
 # BEiT v2's ViT-L fine-tuning recipe (BEiT v2 repository, get_started_cls.md): 50 epochs with 5 warmup,
 # lr 5e-4 at batch 1024, layer decay 0.8, drop path 0.2; the rest as for ViT-B (config/finetune_vitb_in1k.py).
 out_dir = "out/finetune_vitl_in1k"
-data_dir = "data/imagenet"
 model = "large"
-img_size = 224
-patch_size = 16
 drop_path = 0.2
 epochs = 50
 warmup_epochs = 5
-batch_size = 1024
 micro_batch_size = 64  # per GPU: 8 GPUs x 64 x 2 accumulation steps (ViT-L activations are ~2.7x ViT-B's)
-lr = 5e-4
-min_lr = 1e-6
-weight_decay = 0.05
 layer_decay = 0.8
-betas = (0.9, 0.999)
-grad_clip = 0.0
-workers = 10

@@ -8,7 +8,6 @@ model = "tiny"
 depth = 6
 img_size = 64
 patch_size = 8  # 8x8 = 64 tokens
-teacher = "ViT-B-16-quickgelu"
 teacher_pretrained = ""  # random init: no weights to download
 teacher_overrides = {"embed_dim": 64,
                      "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 128, "layers": 2, "head_width": 64},
@@ -21,6 +20,5 @@ epochs = 6
 warmup_epochs = 1
 batch_size = 64
 micro_batch_size = 64
-lr = 1.5e-3
 workers = 2
 log_interval = 1

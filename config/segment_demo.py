@@ -18,7 +18,6 @@ scale = (256, 64)  # the 64-px images stay 64 px at ratio 1; crops of 32..128-px
 eval_stride = 43  # 341/512 of the crop, as the ADE20K recipe
 iters = 400
 warmup_iters = 50
-batch_size = 16
 micro_batch_size = 16
 lr = 1e-3  # a random or tiny backbone learns faster than BEiT v2's 5e-5 allows
 layer_decay = 0.9

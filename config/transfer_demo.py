@@ -5,7 +5,6 @@
 # Both demo datasets have no recipe file: the finetune.py settings below apply to both.
 init_from = "out/pretrain_demo/ckpt.pt"
 datasets = "demo_coarse,demo_fine"
-demo_data = "data/demo"  # generated if missing (the same images as the pre-training demo)
 out_dir = "out/transfer_demo"
 # finetune.py settings: the pre-training demo's model, and a schedule that fits in about two CPU minutes
 model = "tiny"

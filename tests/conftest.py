@@ -27,8 +27,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
     """The generated demo dataset (64 px), made once per test session."""
-    import common
-    return common.make_demo_dataset(str(tmp_path_factory.mktemp("demo")), n_train=120, n_val=40, size=64)
+    import demo_data
+    return demo_data.make_demo_dataset(str(tmp_path_factory.mktemp("demo")), n_train=120, n_val=40, size=64)
 
 
 @pytest.fixture(scope="session")
@@ -62,3 +62,35 @@ def pretrain_ckpt(demo_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain_ckpt")
     run_script(tiny_pretrain_args(demo_root, out, "--max_steps=2"))
     return os.path.join(out, "ckpt.pt")
+
+
+def stage_settings(module, config_file, **overrides):
+    """A stage script's settings as its main() gets them: defaults < config file < overrides (in-process runs)."""
+    from types import SimpleNamespace
+    from configurator import parse_args, settings_of
+    defaults = settings_of(vars(module))
+    return SimpleNamespace(**{**defaults, **parse_args([os.path.join(ROOT, config_file)], defaults), **overrides})
+
+
+def stop_at_step(monkeypatch, k):
+    """Send this process SIGTERM while optimizer step k is being prepared (common.set_lr runs once a step),
+    as torchrun or Slurm would stop a job mid-epoch."""
+    import signal
+    import common
+    set_lr, calls = common.set_lr, []
+
+    def set_lr_then_stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == k:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return set_lr(*args, **kwargs)
+    monkeypatch.setattr(common, "set_lr", set_lr_then_stop)
+
+
+def assert_same_weights(path_a, path_b):
+    import common
+    import torch
+    a, b = common.load_checkpoint(path_a)["model"], common.load_checkpoint(path_b)["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -315,3 +315,57 @@ def test_from_scratch_on_cifar10_beats_chance(cifar10, tmp_path):
                 "--crop_scale=(0.5, 1.0)", "--crop_pct=1.0", "--workers=0", "--device=cpu"], env=ONE_THREAD)
     top1 = _log(tmp_path / "out")[-1]["val_top1"]
     assert top1 > 20.0, f"val top-1 {top1} after 4 epochs (chance: 10; 28-31 measured)"
+
+
+# ---------------------------------------------------------------------------------- stops and exact resume
+def _fit_settings(demo_root, pretrain_ckpt, out, **kw):
+    """The full fine-tuning augmentation (RandAugment, erasing, MixUp/CutMix, drop path), 2 micro-batches a step."""
+    settings = dict(TINY, init_from=pretrain_ckpt, out_dir=str(out), epochs=1, warmup_epochs=1, batch_size=16,
+                    micro_batch_size=8, workers=0, crop_scale=(0.5, 1.0), device="cpu")
+    return finetune.settings(**{**settings, **kw})
+
+
+def test_sigterm_mid_epoch_then_rerun_gives_bit_identical_weights(demo_root, pretrain_ckpt, tmp_path, monkeypatch):
+    from conftest import assert_same_weights, stop_at_step
+    data = finetune.image_folders(demo_root, "train", "val")
+    torch.set_num_threads(1)
+    whole = finetune.fit(_fit_settings(demo_root, pretrain_ckpt, tmp_path / "whole"), *data, common.Dist("cpu"))
+    with monkeypatch.context() as patch:
+        stop_at_step(patch, 3)
+        with pytest.raises(SystemExit) as stopped:
+            finetune.fit(_fit_settings(demo_root, pretrain_ckpt, tmp_path / "split"), *data, common.Dist("cpu"))
+    assert stopped.value.code == 130 and common.load_checkpoint(tmp_path / "split" / "ckpt.pt")["step"] == 3
+    split = finetune.fit(_fit_settings(demo_root, pretrain_ckpt, tmp_path / "split"), *data, common.Dist("cpu"))
+    assert_same_weights(tmp_path / "whole" / "ckpt.pt", tmp_path / "split" / "ckpt.pt")
+    assert split == whole
+
+
+@pytest.mark.parametrize("how", ["sigterm", "killed"])
+def test_stop_during_the_final_evaluation_then_rerun_gives_the_same_results(demo_root, pretrain_ckpt, tmp_path,
+                                                                           monkeypatch, how):
+    """SIGTERM during the last evaluation lets it finish; a process killed during it leaves the epoch marked
+    unevaluated, and the rerun evaluates it. Either way: the log, best.pt and the result of a run that did not stop."""
+    import signal
+    from conftest import assert_same_weights
+    data = finetune.image_folders(demo_root, "train", "val")
+    torch.set_num_threads(1)
+    whole = finetune.fit(_fit_settings(demo_root, pretrain_ckpt, tmp_path / "whole", workers=2), *data,
+                         common.Dist("cpu"))
+    evaluate = finetune.evaluate
+
+    def stopped_evaluate(*args):
+        if how == "killed":
+            raise KeyboardInterrupt  # as if killed: nothing after this point runs
+        os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(*args)
+    with monkeypatch.context() as patch:
+        patch.setattr(finetune, "evaluate", stopped_evaluate)
+        with pytest.raises((SystemExit, KeyboardInterrupt)):
+            finetune.fit(_fit_settings(demo_root, pretrain_ckpt, tmp_path / "split", workers=2), *data,
+                         common.Dist("cpu"))
+    rerun = finetune.fit(_fit_settings(demo_root, pretrain_ckpt, tmp_path / "split", workers=2), *data,
+                         common.Dist("cpu"))
+    assert rerun == whole and "top1" in rerun
+    for key in ("val_top1", "val_top5", "val_loss", "best_top1", "train_loss"):
+        assert [r[key] for r in _log(tmp_path / "split")] == [r[key] for r in _log(tmp_path / "whole")], key
+    assert_same_weights(tmp_path / "whole" / "best.pt", tmp_path / "split" / "best.pt")

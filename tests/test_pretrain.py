@@ -190,3 +190,43 @@ def test_cifar10_images_through_the_pretraining_pipeline(cifar10):
         assert mask.shape == (16,) and 1 <= mask.sum() <= 6
     batch = next(iter(torch.utils.data.DataLoader(data, batch_size=8, num_workers=2)))
     assert batch[0].shape == (8, 3, 32, 32) and batch[1].shape == (8, 16)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigterm_mid_epoch_then_rerun_gives_bit_identical_weights(demo_root, tmp_path, monkeypatch, workers):
+    """Stopped by SIGTERM at step 3 of a 7-step epoch (2 micro-batches a step), then run again: the weights at
+    the epoch's end equal an uninterrupted run's bit for bit (crops, masks, drop path, schedules by position)."""
+    import pretrain
+    from conftest import assert_same_weights, stage_settings, stop_at_step
+    torch.set_num_threads(1)
+
+    def settings(out):
+        return stage_settings(pretrain, "config/pretrain_demo.py", demo_data="", data_dir=f"{demo_root}/train",
+                              out_dir=str(out), depth=2, epochs=1, warmup_epochs=1, batch_size=16,
+                              micro_batch_size=8, workers=workers, drop_path=0.1, device="cpu")
+    pretrain.main(settings(tmp_path / "whole"))
+    with monkeypatch.context() as patch:
+        stop_at_step(patch, 3)
+        with pytest.raises(SystemExit) as stopped:
+            pretrain.main(settings(tmp_path / "split"))
+    assert stopped.value.code == 130 and common.load_checkpoint(tmp_path / "split" / "ckpt.pt")["step"] == 3
+    pretrain.main(settings(tmp_path / "split"))
+    assert_same_weights(tmp_path / "whole" / "ckpt.pt", tmp_path / "split" / "ckpt.pt")
+    whole, split = read_log(tmp_path / "whole"), read_log(tmp_path / "split")
+    assert [r["step"] for r in split] == [r["step"] for r in whole] == [7]
+    assert split[0]["loss"] == pytest.approx(whole[0]["loss"], rel=1e-6)  # the epoch's mean survives the stop
+
+
+@pytest.mark.parametrize("lr", ["1e30", "1e999"])
+def test_a_diverging_run_leaves_a_finite_checkpoint_that_trains_again(demo_root, tmp_path, lr):
+    """One-step epochs: a checkpoint follows every step, so a huge step (lr 1e30: finite weights of ~1e28 whose
+    loss is infinite; 1e999 parses as inf) must not be saved as the last good one."""
+    args = ["--batch_size=64", "--micro_batch_size=64", "--warmup_epochs=0", "--grad_clip=0.0", "--log_interval=100"]
+    run_script(tiny_pretrain_args(demo_root, tmp_path, *args, "--max_steps=1"))
+    proc = run_script(tiny_pretrain_args(demo_root, tmp_path, *args, f"--lr={lr}", "--epochs=4"), check=False)
+    assert proc.returncode != 0 and "non-finite loss" in proc.stderr
+    ckpt = common.load_checkpoint(tmp_path / "ckpt.pt")
+    assert ckpt["step"] == 1 and all(t.isfinite().all() for t in ckpt["model"].values() if t.is_floating_point())
+    run_script(tiny_pretrain_args(demo_root, tmp_path, *args, "--epochs=3"))  # the rerun from it trains
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3]
+    assert all(0 < r["loss"] < 10 for r in read_log(tmp_path))

@@ -209,12 +209,10 @@ def test_poly_schedule_like_mmcv():
     assert segment.poly_lr(100, 100, 10, 1.0, 1.0, 0.0) == 0.0
 
 
-def test_pretraining_checkpoint_converts_to_segmenter(pretrain_ckpt, monkeypatch):
-    monkeypatch.setattr(segment, "init_from", pretrain_ckpt)
-    monkeypatch.setattr(segment, "crop_size", 96)  # 12x12 patches of 8 px: tables resized from 8x8
-    monkeypatch.setattr(segment, "num_classes", 14)
-    monkeypatch.setattr(segment, "channels", 32)
-    net, args, head = segment.build_segmenter(common.Dist("cpu"))
+def test_pretraining_checkpoint_converts_to_segmenter(pretrain_ckpt):
+    cfg = segment.settings(init_from=pretrain_ckpt, crop_size=96,  # 12x12 patches of 8 px: tables resized from 8x8
+                           num_classes=14, channels=32)
+    net, args, head = segment.build_segmenter(cfg, common.Dist("cpu"))
     ckpt = common.load_checkpoint(pretrain_ckpt)
     state = ckpt["model"]
     assert args["img_size"] == 96 and not args["shared_rel_pos"] and head["out_indices"] == [0, 0, 0, 1]
@@ -253,15 +251,14 @@ def test_label_above_num_classes_is_an_error(tmp_path):
         ds[0]
 
 
-def test_missing_data_dir_is_a_clear_error(tmp_path, monkeypatch):
+def test_missing_data_dir_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist; expected the ADE20K layout"):
         segment.find_root(str(tmp_path / "nowhere"))
     # The script stops with that message (no traceback) before creating anything.
-    for key, value in dict(data_dir=str(tmp_path / "nowhere"), demo_data="", device="cpu", micro_batch_size=16,
-                           out_dir=str(tmp_path / "out")).items():
-        monkeypatch.setattr(segment, key, value)
+    cfg = segment.settings(data_dir=str(tmp_path / "nowhere"), demo_data="", device="cpu", micro_batch_size=16,
+                           out_dir=str(tmp_path / "out"))
     with pytest.raises(SystemExit, match="nowhere' does not exist; expected the ADE20K layout"):
-        segment.main({})
+        segment.main(cfg)
     assert not os.path.exists(tmp_path / "out")
 
 
@@ -292,7 +289,8 @@ def read_log(out):
 
 def test_demo_trains_evaluates_resumes_and_evaluates_on_2_processes(odd_demo, pretrain_ckpt, tmp_path):
     whole, split, dist2 = tmp_path / "whole", tmp_path / "split", tmp_path / "dist2"
-    run_script(seg_args(odd_demo, whole, f"--init_from={pretrain_ckpt}"))
+    env = {"OMP_NUM_THREADS": "1"}  # as the 2-process evaluation below: argmax ties break alike at one thread
+    run_script(seg_args(odd_demo, whole, f"--init_from={pretrain_ckpt}"), env=env)
     losses, evals = read_log(whole)
     assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(list(losses.values())))
     assert len(evals) == 1 and evals[0]["iter"] == 4 and 0 <= evals[0]["mIoU"] <= 100
@@ -301,8 +299,8 @@ def test_demo_trains_evaluates_resumes_and_evaluates_on_2_processes(odd_demo, pr
 
     # Stop after 2 iterations (mid-epoch, with gradient accumulation), then resume: iterations 3 and 4 repeat
     # the uninterrupted run's losses.
-    run_script(seg_args(odd_demo, split, f"--init_from={pretrain_ckpt}", "--max_iters=2"))
-    proc = run_script(seg_args(odd_demo, split, f"--init_from={pretrain_ckpt}"))
+    run_script(seg_args(odd_demo, split, f"--init_from={pretrain_ckpt}", "--max_iters=2"), env=env)
+    proc = run_script(seg_args(odd_demo, split, f"--init_from={pretrain_ckpt}"), env=env)
     assert "resuming from" in proc.stdout and "at iteration 2" in proc.stdout
     resumed, resumed_evals = read_log(split)
     assert sorted(resumed) == [1, 2, 3, 4]
@@ -311,7 +309,6 @@ def test_demo_trains_evaluates_resumes_and_evaluates_on_2_processes(odd_demo, pr
     assert resumed_evals[0]["mIoU"] == pytest.approx(evals[0]["mIoU"], abs=1e-9)
 
     # The final checkpoint on 2 Gloo processes (20 + 19 images) scores exactly what one process scored.
-    env = {"OMP_NUM_THREADS": "1"}
     run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 *seg_args(odd_demo, dist2, "--eval_only", f"--init_from={whole / 'ckpt.pt'}")], env=env)
     _, dist_evals = read_log(dist2)
@@ -327,3 +324,27 @@ def test_demo_on_gpu_with_bf16_and_compile(demo_root, tmp_path):
     losses, evals = read_log(tmp_path)
     assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(list(losses.values())))
     assert len(evals) == 1 and 0 <= evals[0]["mIoU"] <= 100
+
+
+def test_sigterm_mid_epoch_then_rerun_gives_bit_identical_weights(odd_demo, tmp_path, monkeypatch):
+    """SIGTERM at iteration 3 (mid-epoch, 2 micro-batches an iteration, 2 workers), then a rerun: the final
+    weights, BatchNorm statistics and evaluation equal an uninterrupted run's."""
+    from conftest import assert_same_weights, stage_settings, stop_at_step
+    torch.set_num_threads(1)
+
+    def settings(out):
+        return stage_settings(segment, "config/segment_demo.py", demo_data="", data_dir=odd_demo, out_dir=str(out),
+                              depth=2, crop_size=32, scale=(128, 48), eval_stride=21, channels=32, aux_channels=16,
+                              batch_size=8, micro_batch_size=4, workers=2, iters=6, warmup_iters=2, eval_interval=6,
+                              ckpt_interval=100, log_interval=1, device="cpu")
+    whole = segment.main(settings(tmp_path / "whole"))
+    with monkeypatch.context() as patch:
+        stop_at_step(patch, 3)
+        with pytest.raises(SystemExit) as stopped:
+            segment.main(settings(tmp_path / "split"))
+    assert stopped.value.code == 130 and common.load_checkpoint(tmp_path / "split" / "ckpt.pt")["step"] == 3
+    split = segment.main(settings(tmp_path / "split"))
+    assert_same_weights(tmp_path / "whole" / "ckpt.pt", tmp_path / "split" / "ckpt.pt")
+    assert split["mIoU"] == whole["mIoU"]
+    losses, _ = read_log(tmp_path / "split")
+    assert losses == read_log(tmp_path / "whole")[0]

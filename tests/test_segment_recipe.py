@@ -14,7 +14,7 @@ from conftest import ROOT
 
 
 def _demo_settings(monkeypatch, demo_root, out_dir, **overrides):
-    """config/segment_demo.py on a 2-block random backbone, 32-px crops, 4 iterations, set as segment's globals."""
+    """config/segment_demo.py on a 2-block random backbone, 32-px crops, 4 iterations, as segment.main's cfg."""
     settings = {}
     with open(os.path.join(ROOT, "config", "segment_demo.py")) as f:
         exec(f.read(), {}, settings)
@@ -22,9 +22,7 @@ def _demo_settings(monkeypatch, demo_root, out_dir, **overrides):
                          depth=2, crop_size=32, scale=(128, 48), eval_stride=21, channels=32, aux_channels=16,
                          batch_size=4, micro_batch_size=4, workers=0, iters=4, warmup_iters=2, eval_interval=2,
                          ckpt_interval=2, log_interval=1, device="cpu"), **overrides)
-    for key, value in settings.items():
-        monkeypatch.setattr(segment, key, value)
-    return settings
+    return segment.settings(**settings)
 
 
 def _scores(miou):
@@ -65,16 +63,13 @@ class _Recorder(torch.nn.Module):
         return out
 
 
-def test_evaluation_logits_are_fp32(monkeypatch):
-    monkeypatch.setattr(segment, "workers", 0)
-    monkeypatch.setattr(segment, "crop_size", 16)
-    monkeypatch.setattr(segment, "eval_stride", 8)
+def test_evaluation_logits_are_fp32():
     images = [(torch.randn(3, 24, 24), torch.randint(0, 3, (24, 24))) for _ in range(2)]
     net = _Recorder(3)
-    segment.evaluate(net, images, _Bf16Dist("cpu"), 3)
+    segment.evaluate(net, images, _Bf16Dist("cpu"), 3, crop_size=16, stride=8)
     assert net.dtypes and set(net.dtypes) == {torch.float32}
     net.dtypes.clear()
-    segment.evaluate(net, images, _Bf16Dist("cpu"), 3, autocast=True)  # the opt-in setting
+    segment.evaluate(net, images, _Bf16Dist("cpu"), 3, crop_size=16, stride=8, autocast=True)  # the opt-in setting
     assert set(net.dtypes) == {torch.bfloat16}
 
 

@@ -319,3 +319,38 @@ def test_a_second_run_skips_finished_datasets(killed_then_rerun):
     assert "demo_coarse: finished earlier" in again.stdout and "demo_fine: finished earlier" in again.stdout
     assert "epoch 0" not in again.stdout and "loaded backbone" not in again.stdout
     assert len(_lines(os.path.join(out, "demo_fine", "log.jsonl"))) == 3
+
+
+def test_sigterm_during_the_final_evaluation_then_rerun_reports_the_final_epoch(demo_root, pretrain_ckpt, tmp_path,
+                                                                               monkeypatch):
+    """SIGTERM while the last epoch is evaluated: the rerun's table holds that epoch's result (not an earlier
+    epoch's, no KeyError), the same as a run that was not stopped."""
+    import signal
+    import torch
+    import finetune
+    from configurator import parse_args, settings_of
+    defaults = {**settings_of(vars(eval_transfer)), **eval_transfer.FINETUNE_DEFAULTS}
+
+    def run(out):
+        args = [os.path.join(ROOT, "config", "transfer_demo.py"), f"--init_from={pretrain_ckpt}", "--depth=2",
+                f"--demo_data={demo_root}", f"--out_dir={out}", "--datasets=demo_coarse", "--epochs=2",
+                "--batch_size=16", "--micro_batch_size=16", "--device=cpu"]
+        changes = parse_args(args, defaults)
+        eval_transfer.main({**defaults, **changes}, set(changes))
+        return json.load(open(os.path.join(out, "results.json")))["rows"]
+    torch.set_num_threads(1)
+    whole = run(tmp_path / "whole")
+    evaluate, calls = finetune.evaluate, []
+
+    def evaluate_then_stop(*args):
+        calls.append(1)
+        if len(calls) == 2:  # the second and last epoch's evaluation
+            os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(*args)
+    with monkeypatch.context() as patch:
+        patch.setattr(finetune, "evaluate", evaluate_then_stop)
+        with pytest.raises(SystemExit):
+            run(tmp_path / "split")
+    split = run(tmp_path / "split")
+    assert split == whole and len(split) == 1
+    assert _lines(tmp_path / "split" / "demo_coarse" / "log.jsonl")[-1]["epoch"] == 1
