@@ -259,6 +259,8 @@ def infer_model_args(state: dict) -> dict:
     if missing:
         raise ValueError(f"not a BEiT-style ViT state dict: no {', '.join(missing)} (keys: {list(state)[:6]} ...)")
     embed_dim, in_chans, patch, _ = state["patch_embed.weight"].shape
+    if in_chans != 3:
+        raise ValueError(f"the patch embedding takes {in_chans} channels; this ViT reads RGB images (3)")
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
     tables = [v for k, v in state.items() if k.endswith("rel_pos.table")]
     if tables:  # (2H - 1)^2 + 3 rows, one column per head
@@ -269,7 +271,7 @@ def infer_model_args(state: dict) -> dict:
     else:
         raise ValueError("cannot tell the image size: the state dict has neither position tables nor pos_embed")
     layer_scale = next((s["layer_scale"] for s in SIZES.values() if s["embed_dim"] == embed_dim), 0.1)
-    return dict(img_size=grid * patch, patch_size=patch, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
+    return dict(img_size=grid * patch, patch_size=patch, embed_dim=embed_dim, depth=depth,
                 num_heads=num_heads, layer_scale=layer_scale, abs_pos="pos_embed" in state,
                 shared_rel_pos="rel_pos.table" in state, block_rel_pos="blocks.0.attn.rel_pos.table" in state,
                 mask_token="mask_token" in state,

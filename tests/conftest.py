@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import traceback
 
 import pytest
 
@@ -85,6 +86,17 @@ def stop_at_step(monkeypatch, k):
             os.kill(os.getpid(), signal.SIGTERM)
         return set_lr(*args, **kwargs)
     monkeypatch.setattr(common, "set_lr", set_lr_then_stop)
+
+
+def stopped_code(run) -> int:
+    """Run a stage in this process until it stops (SystemExit) and return its exit code. The stopped run's
+    frames are cleared, as the end of its process would clear them: they hold its out_dir lock."""
+    try:
+        run()
+    except SystemExit as e:
+        traceback.clear_frames(e.__traceback__)
+        return e.code
+    raise AssertionError("the run was expected to stop, and finished")
 
 
 def assert_same_weights(path_a, path_b):

@@ -139,12 +139,12 @@ def test_help_lists_every_setting_with_its_default_and_source_comment(name, caps
     for source in ("finetune", name) if name == "eval_transfer" else (name,):
         with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), f"{source}.py")) as f:
             comments.update(re.findall(r"^(\w+) = .*?  # (.*)$", f.read(), flags=re.M))
-    namespace = dict(vars(module))
+    namespace = {**vars(module), **getattr(module, "FINETUNE_DEFAULTS", {})}  # eval_transfer: finetune.py's too
     with pytest.raises(SystemExit) as e:
         configure(namespace, ["--epochs=None", "--help"], getattr(module, "RULES", None))
     assert e.value.code == 0  # --help wins over everything else on the line
     lines = capsys.readouterr().out.splitlines()
-    settings = settings_of(vars(module))
+    settings = settings_of(namespace)
     assert len(settings) >= 10 and lines[0] == f"usage: python {name}.py [config_file.py ...] [--key=value ...]"
     for key, default in settings.items():
         line = next((l for l in lines if l.startswith(f"  --{key}=")), None)
@@ -171,8 +171,9 @@ def test_every_script_passes_its_rules_and_every_default_obeys_them():
         module = importlib.import_module(name)
         rules = getattr(module, "RULES", {})
         assert name == "show_morph" or "model" in rules
+        defaults = {**vars(module), **getattr(module, "FINETUNE_DEFAULTS", {})}
         for key, allowed in rules.items():
-            assert getattr(module, key) in allowed, f"{name}.{key}"
+            assert defaults[key] in allowed, f"{name}.{key}"
         with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), f"{name}.py")) as f:
             assert name == "show_morph" or "rules=RULES)" in f.read()
 

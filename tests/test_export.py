@@ -105,7 +105,7 @@ def test_official_layout_checkpoint_as_init_from_gives_equal_logits(tmp_path):
     load_backbone, as finetune.py and segment.py call it, equals our own checkpoint of the same weights."""
     net, ours = pretrain_checkpoint()
     official = {"model": official_layout(net), "epoch": 299}
-    assert checkpoint_model_args(official) == dict(ours["model_args"], in_chans=3, num_classes=0)
+    assert checkpoint_model_args(official) == dict(ours["model_args"], num_classes=0)
     from_official, from_ours = classifier(), classifier()
     logs = []
     load_backbone(from_official, official, log=logs.append)

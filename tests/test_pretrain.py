@@ -3,7 +3,6 @@ import json
 import os
 import random
 import shutil
-import sys
 
 import pytest
 import torch
@@ -197,7 +196,7 @@ def test_sigterm_mid_epoch_then_rerun_gives_bit_identical_weights(demo_root, tmp
     """Stopped by SIGTERM at step 3 of a 7-step epoch (2 micro-batches a step), then run again: the weights at
     the epoch's end equal an uninterrupted run's bit for bit (crops, masks, drop path, schedules by position)."""
     import pretrain
-    from conftest import assert_same_weights, stage_settings, stop_at_step
+    from conftest import assert_same_weights, stage_settings, stop_at_step, stopped_code
     torch.set_num_threads(1)
 
     def settings(out):
@@ -207,9 +206,8 @@ def test_sigterm_mid_epoch_then_rerun_gives_bit_identical_weights(demo_root, tmp
     pretrain.main(settings(tmp_path / "whole"))
     with monkeypatch.context() as patch:
         stop_at_step(patch, 3)
-        with pytest.raises(SystemExit) as stopped:
-            pretrain.main(settings(tmp_path / "split"))
-    assert stopped.value.code == 130 and common.load_checkpoint(tmp_path / "split" / "ckpt.pt")["step"] == 3
+        code = stopped_code(lambda: pretrain.main(settings(tmp_path / "split")))
+    assert code == 130 and common.load_checkpoint(tmp_path / "split" / "ckpt.pt")["step"] == 3
     pretrain.main(settings(tmp_path / "split"))
     assert_same_weights(tmp_path / "whole" / "ckpt.pt", tmp_path / "split" / "ckpt.pt")
     whole, split = read_log(tmp_path / "whole"), read_log(tmp_path / "split")
@@ -220,11 +218,12 @@ def test_sigterm_mid_epoch_then_rerun_gives_bit_identical_weights(demo_root, tmp
 @pytest.mark.parametrize("lr", ["1e30", "1e999"])
 def test_a_diverging_run_leaves_a_finite_checkpoint_that_trains_again(demo_root, tmp_path, lr):
     """One-step epochs: a checkpoint follows every step, so a huge step (lr 1e30: finite weights of ~1e28 whose
-    loss is infinite; 1e999 parses as inf) must not be saved as the last good one."""
+    loss is infinite) must not be saved as the last good one; 1e999 parses as inf and is refused before training."""
     args = ["--batch_size=64", "--micro_batch_size=64", "--warmup_epochs=0", "--grad_clip=0.0", "--log_interval=100"]
     run_script(tiny_pretrain_args(demo_root, tmp_path, *args, "--max_steps=1"))
     proc = run_script(tiny_pretrain_args(demo_root, tmp_path, *args, f"--lr={lr}", "--epochs=4"), check=False)
-    assert proc.returncode != 0 and "non-finite loss" in proc.stderr
+    refusal = "non-finite loss" if lr == "1e30" else "config error: lr: inf from --lr=1e999 is not a finite number"
+    assert proc.returncode != 0 and refusal in proc.stderr
     ckpt = common.load_checkpoint(tmp_path / "ckpt.pt")
     assert ckpt["step"] == 1 and all(t.isfinite().all() for t in ckpt["model"].values() if t.is_floating_point())
     run_script(tiny_pretrain_args(demo_root, tmp_path, *args, "--epochs=3"))  # the rerun from it trains

@@ -4,7 +4,6 @@ import errno
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -224,7 +223,8 @@ def test_transfer_samples_read_images_the_same_way(tmp_path):
 def _transfer_config(tmp_path, **changes):
     import eval_transfer
     from configurator import settings_of
-    return {**settings_of(vars(eval_transfer)), "out_dir": str(tmp_path / "out"), **changes}
+    return {**settings_of(vars(eval_transfer)), **eval_transfer.FINETUNE_DEFAULTS, "out_dir": str(tmp_path / "out"),
+            **changes}
 
 
 def test_transfer_refuses_an_empty_dataset_list(tmp_path):

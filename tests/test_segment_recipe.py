@@ -1,7 +1,6 @@
 """segment.py against BEiT v2 / mmseg on what gets reported and how: the final evaluation is the result (the best
 one only extra information), evaluation runs in fp32, BatchNorm over the recipe's batch (or a clear refusal),
 and the hue shift range."""
-import contextlib
 import json
 import os
 
