@@ -187,7 +187,7 @@ def load_checkpoint(path: str, stage: str | None = None) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     try:
-        if path.endswith(".safetensors"):  # weights only (timm, export.py); safetensors comes with open_clip
+        if os.fspath(path).endswith(".safetensors"):  # weights only (timm, export.py); safetensors comes with open_clip
             from safetensors.torch import load_file
             ckpt = load_file(path)
         else:
