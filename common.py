@@ -39,6 +39,9 @@ class Dist:
             device = f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
         if device == "cuda":  # a bare 'cuda' means this process's own GPU (set_device needs an index)
             device = f"cuda:{self.local_rank}"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise SystemExit(f"device={device!r}, but torch sees no CUDA GPU (torch {torch.__version__}, CUDA build "
+                             f"{torch.version.cuda or 'none'}); use device=cpu, or device=auto to take a GPU if any")
         self.device = torch.device(device)
         if "LOCAL_RANK" in os.environ:  # started by torchrun: do not outlive it (kill -9 of the launcher)
             stop_with_parent()

@@ -264,3 +264,13 @@ def test_more_masked_patches_than_the_grid_holds_is_refused(demo_root, tmp_path)
     proc = run_script(tiny_pretrain_args(demo_root, tmp_path, "--num_masked=1000"), check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "num_masked=1000 is more than the 64 patches of the 8x8 grid (img_size=64 / patch_size=8)" in proc.stderr
+
+
+def test_device_cuda_without_a_gpu_is_a_clear_error_not_a_traceback():
+    """bench.py (as every stage, through common.Dist) on a machine where torch sees no GPU."""
+    hide_gpus = ("import runpy, sys, torch; torch.cuda.is_available = lambda: False; "
+                 "sys.argv = ['bench.py', '--device=cuda']; runpy.run_path('bench.py', run_name='__main__')")
+    proc = run_script(["-c", hide_gpus], check=False, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "device='cuda:0', but torch sees no CUDA GPU" in proc.stderr and "use device=cpu" in proc.stderr
+
