@@ -274,3 +274,15 @@ def test_device_cuda_without_a_gpu_is_a_clear_error_not_a_traceback():
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "device='cuda:0', but torch sees no CUDA GPU" in proc.stderr and "use device=cpu" in proc.stderr
 
+
+def test_default_workers_fit_the_cores_this_process_may_use():
+    """DataLoader warns when asked for more workers than cores (as 10 on a 2-core machine did)."""
+    import warnings
+    import finetune
+    import pretrain
+    import segment
+    for module in (pretrain, finetune, segment):
+        assert 1 <= module.workers <= common.available_cpus()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            torch.utils.data.DataLoader(range(4), num_workers=module.workers)
