@@ -71,7 +71,7 @@ def test_torchrun_two_processes_on_gloo(demo_root, tmp_path):
     digests = {line.split()[1]: line.split()[-1] for line in proc.stdout.splitlines() if "weights sha256" in line}
     assert set(digests) == {"0:", "1:"}
     assert digests["0:"] == digests["1:"]  # both replicas ended with bit-identical weights
-    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "log.jsonl", "run.lock"]  # rank 0 alone writes
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "curves.png", "log.jsonl", "run.lock"]  # rank 0 alone writes
     assert len(read_log(tmp_path)) == 1
     assert digest_of(tmp_path / "ckpt.pt") == digests["0:"]
     assert proc.stdout.count("configuration:") == 1  # printed once
