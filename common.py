@@ -39,6 +39,9 @@ class Dist:
             device = f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
         if device == "cuda":  # a bare 'cuda' means this process's own GPU (set_device needs an index)
             device = f"cuda:{self.local_rank}"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise SystemExit(f"device={device!r}, but torch sees no CUDA GPU (torch {torch.__version__}, CUDA build "
+                             f"{torch.version.cuda or 'none'}); use device=cpu, or device=auto to take a GPU if any")
         self.device = torch.device(device)
         if "LOCAL_RANK" in os.environ:  # started by torchrun: do not outlive it (kill -9 of the launcher)
             stop_with_parent()
@@ -110,6 +113,11 @@ def settings(defaults: dict, overrides: dict, script: str) -> SimpleNamespace:
     if unknown:
         raise ValueError(f"unknown {script} settings: {', '.join(unknown)}")
     return SimpleNamespace(**{**defaults, **overrides})
+
+
+def available_cpus() -> int:
+    """CPU cores this process may run on (its affinity under Slurm or taskset), not all of the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def seed_everything(seed: int):
@@ -266,9 +274,10 @@ def resume(path: str, net: torch.nn.Module, optimizer, dist_: Dist, stage: str, 
 
 
 def save_state(path: str, dist_: Dist, net: torch.nn.Module, optimizer, step: int, loss: float, **extra):
-    """Checkpoint a run (rank 0 writes): weights, optimizer, step, RNG states and `extra`. `loss` is the loss of
-    these very weights on a recent batch: if it or any weight is not finite the run stops instead, and the
-    checkpoint already in `path` stays the last good one (a rerun from it can train)."""
+    """Checkpoint a run (rank 0 writes): weights, optimizer (None: weights only, as best.pt: a run resumes from
+    ckpt.pt), step, RNG states and `extra`. `loss` is the loss of these very weights on a recent batch: if it or
+    any weight is not finite the run stops instead, and the checkpoint already in `path` stays the last good one
+    (a rerun from it can train)."""
     state = net.state_dict()
     finite = math.isfinite(loss) and all(t.isfinite().all() for t in state.values() if t.is_floating_point())
     if dist_.all_reduce(torch.tensor(float(not finite), device=dist_.device)).item():  # every rank agrees
@@ -276,8 +285,8 @@ def save_state(path: str, dist_: Dist, net: torch.nn.Module, optimizer, step: in
         raise SystemExit(f"non-finite loss or weights at step {step} (loss {loss}): stopping; the last good "
                          f"checkpoint {path} is left as it was. Try a lower lr or grad_clip.")
     if dist_.is_main:
-        save_checkpoint({"model": state, "optimizer": optimizer.state_dict(), "step": step,
-                         "rng": rng_states(), **extra}, path)
+        optim = {"optimizer": optimizer.state_dict()} if optimizer is not None else {}
+        save_checkpoint({"model": state, **optim, "step": step, "rng": rng_states(), **extra}, path)
 
 
 # ------------------------------------------------------------------------------------- optimizer, schedules
@@ -529,3 +538,59 @@ def progress(iterable, dist_: Dist, **kwargs):
 def log_json(path: str, record: dict):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def optional_import(module: str, setting: str, package: str):
+    """Import an optional package that `setting` asks for, or stop with an error naming both."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise SystemExit(f"{setting}=True needs the {package} package, which is not installed ({e}): "
+                         f"pip install {package}, or leave {setting}=False") from None
+
+
+class Metrics:
+    """A run's numbers: each record goes to out_dir/log.jsonl and, where the settings ask (cfg.wandb_log,
+    cfg.tensorboard), to Weights & Biases and TensorBoard (out_dir/tb), on rank 0 only. close() draws the
+    curves of log.jsonl into out_dir/curves.png (plot.py). wandb and tensorboard are optional and imported
+    only when asked for."""
+
+    def __init__(self, out_dir: str, cfg, is_main: bool = True):
+        self.out_dir, self.is_main, self.wandb, self.tensorboard = out_dir, is_main, None, None
+        if is_main and getattr(cfg, "wandb_log", False):
+            wandb = optional_import("wandb", "wandb_log", "wandb")
+            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or os.path.basename(
+                os.path.abspath(out_dir)), config=vars(cfg), dir=out_dir)
+        if is_main and getattr(cfg, "tensorboard", False):
+            writer = optional_import("torch.utils.tensorboard", "tensorboard", "tensorboard").SummaryWriter
+            self.tensorboard = writer(os.path.join(out_dir, "tb"))
+
+    def log(self, record: dict):
+        """Append `record` to log.jsonl; its numbers (not time, nor lists such as per-class IoU) also go to
+        wandb and TensorBoard, at its step (or iter)."""
+        if not self.is_main:
+            return
+        log_json(os.path.join(self.out_dir, "log.jsonl"), record)
+        step = record.get("step", record.get("iter"))
+        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and k not in ("step", "iter", "time")}
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=step)
+        if self.tensorboard is not None:
+            for key, value in numbers.items():
+                self.tensorboard.add_scalar(key, value, step)
+            self.tensorboard.flush()
+
+    def close(self):
+        """Finish the wandb run, close TensorBoard, draw out_dir/curves.png from log.jsonl."""
+        if not self.is_main:
+            return
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        log = os.path.join(self.out_dir, "log.jsonl")
+        if os.path.isfile(log):
+            import plot
+            plot.plot_logs([log], os.path.join(self.out_dir, "curves.png"))

@@ -3,10 +3,11 @@
     python finetune.py config/finetune_demo.py                                     # offline demo, CPU, minutes
     torchrun --nproc_per_node=8 finetune.py config/finetune_vitb_in1k.py --init_from=out/pretrain/ckpt.pt
     torchrun --nproc_per_node=8 finetune.py config/finetune_vitb_in1k.py --linear_probe --init_from=...
-    python finetune.py --eval_only --init_from=out/finetune/best.pt --data_dir=/data/imagenet
+    python finetune.py --eval_only --init_from=out/finetune/best.pt --data_dir=/data/imagenet  # val/ only
 
 Every setting below can be changed by a config file or --key=value (configurator.py). A run whose out_dir
-already holds ckpt.pt resumes from it; best.pt keeps the epoch with the best val top-1.
+already holds ckpt.pt resumes from it; best.pt keeps the weights of the epoch with the best val
+top-1.
 
 The training loop (`fit`) takes its settings as an argument (a `cfg` namespace, see `settings`), not from this
 module's globals, so that eval_transfer.py can run it on other datasets.
@@ -35,7 +36,7 @@ train_split = "train"
 val_split = "val"
 demo_data = ""  # if set: generate the offline demo dataset in this folder first (data_dir should be it)
 init_from = ""  # a pre-training or fine-tuned checkpoint of this project; '' = random init (baselines)
-eval_only = False  # evaluate init_from (or out_dir/best.pt) on the val split and exit
+eval_only = False  # evaluate init_from (or out_dir/best.pt) on the val split, log it in out_dir/log.jsonl, exit
 # model: must match init_from (a checkpoint of another size is refused)
 model = "base"  # tiny, small, base, large
 img_size = 224
@@ -74,9 +75,14 @@ probe_epochs = 90
 probe_warmup_epochs = 10
 probe_lr = 0.1  # at batch 256; scaled linearly with batch_size; SGD with momentum 0.9
 probe_weight_decay = 0.0
+# logging: log.jsonl and curves.png (plot.py) always; wandb and TensorBoard if asked for (rank 0, pip install them)
+wandb_log = False  # also log to Weights & Biases
+wandb_project = "dtm"
+wandb_run_name = ""  # '': the out_dir's name
+tensorboard = False  # also write TensorBoard event files to out_dir/tb
 # system
 seed = 0
-workers = 10
+workers = min(10, common.available_cpus())  # data-loading processes per GPU; at most the cores this process may use
 device = "auto"  # auto, cpu, cuda, cuda:1
 compile = False
 max_steps = 0  # stop after this many optimizer steps (0: run all epochs); for smoke tests and benchmarks
@@ -140,14 +146,17 @@ class Transformed(torch.utils.data.Dataset):
         return self.transform(image), label
 
 
-def image_folders(root: str, train: str, val: str):
-    """ImageNet's layout: root/train/<class>/*.jpg and root/val/<class>/*.jpg, with the same classes."""
+def image_folders(root: str, train: str, val: str, val_only: bool = False):
+    """ImageNet's layout: root/train/<class>/*.jpg and root/val/<class>/*.jpg, with the same classes. With
+    val_only (evaluation), train/ is not needed: (None, val set, its classes)."""
     if not os.path.isdir(root):
         raise SystemExit(f"data_dir {root!r} does not exist; expected {root}/{train}/<class>/<image>.jpg and "
                          f"{root}/{val}/<class>/<image>.jpg (ImageNet's layout after the usual val/ reorganisation)")
     try:
-        train_set = common.ImageFolder(os.path.join(root, train))
         val_set = common.ImageFolder(os.path.join(root, val))
+        if val_only:
+            return None, val_set, val_set.classes
+        train_set = common.ImageFolder(os.path.join(root, train))
     except FileNotFoundError as e:
         raise SystemExit(str(e)) from None
     if train_set.classes != val_set.classes:
@@ -159,14 +168,10 @@ def image_folders(root: str, train: str, val: str):
     return train_set, val_set, train_set.classes
 
 
-# -------------------------------------------------------------------------------------------- loss, mixing
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross entropy against a distribution per sample (mixed and smoothed labels), averaged over the batch."""
-    return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-
-
+# -------------------------------------------------------------------------------------------------- mixing
 def make_targets(cfg, num_classes: int):
-    """(images, int labels) -> (images, soft targets): MixUp or CutMix per batch (if on), then label smoothing.
+    """(images, int labels) -> (images, soft targets), a distribution per sample for F.cross_entropy: MixUp or
+    CutMix per batch (if on), then label smoothing.
     Smoothing after mixing equals timm's smoothing before mixing: both give (1 - s) * mixed + s / K."""
     mixes = []
     if cfg.mixup > 0:
@@ -342,8 +347,10 @@ def fit(cfg, train_data, val_data, classes: list, dist_: common.Dist) -> dict:
                                                     "train_loss": None, "images_per_s": None, "epoch_sums": [0, 0]}
     total_steps = epochs * steps_per_epoch
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-    if step >= total_steps and state["evaluated"] == epochs:
-        dist_.print(f"{ckpt_path} has finished all {epochs} epochs; nothing to train")
+    if step >= last_step and state["evaluated"] >= step // steps_per_epoch:  # no step and no evaluation left
+        dist_.print(f"finished: nothing to train ({ckpt_path} is at step {step} of {last_step}, evaluated; raise "
+                    f"epochs or max_steps to train on)")
+    log = common.Metrics(cfg.out_dir, cfg, dist_.is_main)  # log.jsonl, and wandb / TensorBoard if asked
     model = dist_.wrap(net, cfg.compile)
     trainable = [p for p in net.parameters() if p.requires_grad]
     extra = dict(config=vars(cfg).copy(), model_args=args, probe=probe, classes=list(classes), stage="finetune")
@@ -358,14 +365,13 @@ def fit(cfg, train_data, val_data, classes: list, dist_: common.Dist) -> dict:
                 common.save_state(ckpt_path, dist_, net, optimizer, step, metrics["loss"], epoch=epoch, **extra,
                                   **state)
                 if improved:
-                    common.save_state(best_path, dist_, net, optimizer, step, metrics["loss"], epoch=epoch,
-                                      **extra, **state)
-                if dist_.is_main:
-                    common.log_json(os.path.join(cfg.out_dir, "log.jsonl"), {
-                        "epoch": epoch - 1, "step": step, "train_loss": state["train_loss"],
-                        "lr": optimizer.param_groups[-1]["lr"], "val_top1": metrics["top1"],
-                        "val_top5": metrics["top5"], "val_loss": metrics["loss"], "best_top1": state["best_top1"],
-                        "images_per_s": state["images_per_s"], "time": time.time()})
+                    # best.pt: the weights alone (no optimizer: a run resumes from ckpt.pt), a third of the size
+                    common.save_state(best_path, dist_, net, None, step, metrics["loss"], epoch=epoch, **extra,
+                                      **state)
+                log.log({"epoch": epoch - 1, "step": step, "train_loss": state["train_loss"],
+                         "lr": optimizer.param_groups[-1]["lr"], "val_top1": metrics["top1"],
+                         "val_top5": metrics["top5"], "val_loss": metrics["loss"], "best_top1": state["best_top1"],
+                         "images_per_s": state["images_per_s"], "time": time.time()})
                 dist_.print(f"epoch {epoch - 1}: train loss {state['train_loss']:.4f}, val top-1 "
                             f"{metrics['top1']:.2f}, top-5 {metrics['top5']:.2f} (best {state['best_top1']:.2f}), "
                             f"step {step}/{total_steps}")
@@ -384,7 +390,7 @@ def fit(cfg, train_data, val_data, classes: list, dist_: common.Dist) -> dict:
                 images, targets = targets_of(images, labels)  # MixUp/CutMix per micro-batch, then label smoothing
                 last_micro = (micro + 1) % accum == 0
                 with common.no_sync(model, dist_, sync=last_micro), dist_.autocast():
-                    loss = soft_cross_entropy(model(images), targets)
+                    loss = F.cross_entropy(model(images).float(), targets)
                     (loss / accum).backward()
                 sums += torch.stack([loss.detach().float(), torch.ones((), device=dev)])
                 seen += len(images) * dist_.world_size
@@ -416,14 +422,16 @@ def fit(cfg, train_data, val_data, classes: list, dist_: common.Dist) -> dict:
                          images_per_s=seen / (time.time() - t0), epoch_sums=[0, 0] if done else epoch_sums.tolist())
             net.eval()
             with torch.no_grad(), dist_.autocast():  # the loss of the weights about to be saved
-                check = soft_cross_entropy(net(images), targets).item()
+                check = F.cross_entropy(net(images).float(), targets).item()
             common.save_state(ckpt_path, dist_, net, optimizer, step, check, epoch=step // steps_per_epoch, **extra,
                               **state)
+    log.close()  # and curves.png
     return dict(state["metrics"], best_top1=state["best_top1"], epochs=epochs)
 
 
 def evaluate_checkpoint(cfg, val_data, classes: list, dist_: common.Dist) -> dict:
-    """eval_only: the checkpoint's own model (classifier or linear probe) on the val set."""
+    """eval_only: the checkpoint's own model (classifier or linear probe) on the val set, logged (with the
+    checkpoint's path) in out_dir/log.jsonl as segment.py's eval_only does."""
     path = cfg.init_from or os.path.join(cfg.out_dir, "best.pt")
     ckpt = common.load_checkpoint(path)
     if "classes" not in ckpt:
@@ -440,6 +448,9 @@ def evaluate_checkpoint(cfg, val_data, classes: list, dist_: common.Dist) -> dic
     metrics = evaluate(net.to(dist_.device), loader, dist_)
     dist_.print(f"{path}: top-1 {metrics['top1']:.2f}, top-5 {metrics['top5']:.2f}, loss {metrics['loss']:.4f} "
                 f"on {metrics['samples']} images")
+    if dist_.is_main:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        common.log_json(os.path.join(cfg.out_dir, "log.jsonl"), {"eval_only": path, **metrics, "time": time.time()})
     return metrics
 
 
@@ -453,7 +464,7 @@ def main(config: dict):
         if cfg.init_from and not os.path.isfile(cfg.init_from):
             raise SystemExit(f"init_from={cfg.init_from!r} does not exist (a checkpoint of pretrain.py or "
                              f"finetune.py; '' trains from random initialisation)")
-        train_data, val_data, classes = image_folders(cfg.data_dir, cfg.train_split, cfg.val_split)
+        train_data, val_data, classes = image_folders(cfg.data_dir, cfg.train_split, cfg.val_split, cfg.eval_only)
         if cfg.eval_only:
             evaluate_checkpoint(cfg, val_data, classes, dist_)
             return

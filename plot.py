@@ -19,7 +19,7 @@ LEGEND_ROW = 18  # pixels per legend line
 COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf"]
 BACKGROUND, INK = "white", "black"
-NOT_CURVES = ("step", "epoch", "time")
+NOT_CURVES = ("step", "iter", "epoch", "time")
 
 
 def read_log(path: str) -> list[dict]:
@@ -34,8 +34,9 @@ def read_log(path: str) -> list[dict]:
 
 
 def curve(records: list[dict], key: str) -> tuple[list[float], list[float]]:
-    """(steps, values) of `key`, finite values only; x is the step where logged, else the record's index."""
-    points = [(r.get("step", i), r[key]) for i, r in enumerate(records)
+    """(steps, values) of `key`, finite values only; x is the step (segment.py: iter) where logged, else the
+    record's index."""
+    points = [(r.get("step", r.get("iter", i)), r[key]) for i, r in enumerate(records)
               if isinstance(r.get(key), (int, float)) and not isinstance(r[key], bool) and math.isfinite(r[key])]
     return [float(x) for x, _ in points], [float(y) for _, y in points]
 

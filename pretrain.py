@@ -7,9 +7,11 @@ block-masked image, with the Dynamic Token Morphing loss (morph.py).
 Every setting below can be changed by a config file or --key=value (configurator.py). A run whose out_dir
 already holds ckpt.pt resumes from it.
 """
+import contextlib
 import math
 import os
 import random
+import socket
 import time
 import warnings
 from types import SimpleNamespace
@@ -63,9 +65,14 @@ weight_decay_end = 0.05  # cosine from weight_decay to this (BEiT's per-step wei
 betas = (0.9, 0.98)
 eps = 1e-8
 grad_clip = 3.0  # 0: off
+# logging: log.jsonl and curves.png (plot.py) always; wandb and TensorBoard if asked for (rank 0, pip install them)
+wandb_log = False  # also log to Weights & Biases
+wandb_project = "dtm"
+wandb_run_name = ""  # '': the out_dir's name
+tensorboard = False  # also write TensorBoard event files to out_dir/tb
 # system
 seed = 0
-workers = 10
+workers = min(10, common.available_cpus())  # data-loading processes per GPU; at most the cores this process may use
 device = "auto"  # auto, cpu, cuda, cuda:1
 compile = False
 max_steps = 0  # stop after this many optimizer steps (0: run all epochs); for smoke tests and benchmarks
@@ -155,6 +162,33 @@ def _merge(base: dict, overrides: dict) -> dict:
     return out
 
 
+def hub_unreachable(host: str = "huggingface.co", timeout: float = 5.0) -> bool:
+    """Whether the Hugging Face hub cannot be reached, found in at most `timeout` seconds. Behind a proxy the
+    direct connection may fail where downloads work: then the hub is taken as reachable."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return False
+    except OSError:
+        return True
+
+
+@contextlib.contextmanager
+def hub_cache_only_if_unreachable(pretrained: str):
+    """Offline, open_clip would spend about 50 s in hub retries before failing: with the hub out of reach, look
+    in the local cache only (huggingface_hub's offline mode), which finds cached weights or fails at once."""
+    if not pretrained or os.path.isfile(pretrained) or not hub_unreachable():
+        yield
+        return
+    import huggingface_hub.constants as hub
+    offline, hub.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = offline
+
+
 class ClipTeacher(torch.nn.Module):
     """An open_clip vision tower; targets are its patch tokens after ln_post, projected by proj."""
 
@@ -170,7 +204,8 @@ class ClipTeacher(torch.nn.Module):
             warnings.warn("\n" + "!" * 80 + f"\nteacher_pretrained='' : the teacher {name} is RANDOMLY INITIALISED. "
                           "Fine for smoke tests;\nuseless for real pre-training.\n" + "!" * 80)
         try:
-            clip = open_clip.create_model(name, pretrained=pretrained or None, **kwargs)
+            with hub_cache_only_if_unreachable(pretrained):
+                clip = open_clip.create_model(name, pretrained=pretrained or None, **kwargs)
         except Exception as e:
             raise SystemExit(
                 f"could not load teacher weights teacher_pretrained={pretrained!r} for teacher={name!r}: {e}\n"
@@ -308,6 +343,10 @@ def main(cfg: SimpleNamespace):
     loss_fn = torch.compile(dtm_loss) if cfg.compile else dtm_loss
     total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    if step >= last_step:
+        dist_.print(f"finished: nothing to train ({ckpt_path} is at step {step} of {last_step}; raise epochs or "
+                    f"max_steps to train on)")
+    metrics = common.Metrics(cfg.out_dir, cfg, dist_.is_main)  # log.jsonl, and wandb / TensorBoard if asked
 
     with common.StopOnSignal() as stop:
         while step < last_step:
@@ -360,15 +399,15 @@ def main(cfg: SimpleNamespace):
             common.save_state(ckpt_path, dist_, student, optimizer, step, check, stage="pretrain", config=vars(cfg),
                               model_args=args, epoch_sums=[0.0, 0.0] if epoch_done else epoch_sums.tolist())
             if dist_.is_main and (epoch_done or step == last_step):
-                common.log_json(os.path.join(cfg.out_dir, "log.jsonl"), {
-                    "epoch": epoch, "step": step, "loss": mean, "lr": optimizer.param_groups[0]["lr"],
-                    "images_per_s": seen / (time.time() - t0), "time": time.time()})
+                metrics.log({"epoch": epoch, "step": step, "loss": mean, "lr": optimizer.param_groups[0]["lr"],
+                             "images_per_s": seen / (time.time() - t0), "time": time.time()})
                 print(f"epoch {epoch}: loss {mean:.4f}, step {step}/{total_steps}", flush=True)
             if epoch_done:
                 epoch_sums.zero_()
             if stopping:
                 dist_.print(f"stopped: saved {ckpt_path} at step {step}; run the same command to resume")
                 break
+    metrics.close()  # and curves.png
     if dist_.world_size > 1:  # DDP keeps replicas identical; print a fingerprint so that is easy to check
         dist_.barrier()  # after rank 0's epoch line; one write per line, so that lines of two ranks never mix
         print(f"rank {dist_.rank}: weights sha256 {common.weights_digest(student.state_dict())}\n", end="", flush=True)

@@ -71,9 +71,14 @@ grad_clip = 0.0  # 0: off
 eval_interval = 16000  # iterations between evaluations (and always at the end, the reported result)
 eval_autocast = False  # True: evaluate under bf16 autocast on GPU (faster; BEiT v2 evaluates in fp32)
 ckpt_interval = 1000  # iterations between checkpoints (ckpt.pt)
+# logging: log.jsonl and curves.png (plot.py) always; wandb and TensorBoard if asked for (rank 0, pip install them)
+wandb_log = False  # also log to Weights & Biases
+wandb_project = "dtm"
+wandb_run_name = ""  # '': the out_dir's name
+tensorboard = False  # also write TensorBoard event files to out_dir/tb
 # system
 seed = 0
-workers = 8
+workers = min(8, common.available_cpus())  # data-loading processes per GPU; at most the cores this process may use
 device = "auto"  # auto, cpu, cuda, cuda:1
 compile = False
 max_iters = 0  # stop after this many iterations (0: run all); for smoke tests and benchmarks
@@ -513,16 +518,15 @@ def format_table(result: dict) -> str:
     return "\n".join(rows)
 
 
-def final_report(result: dict, best_miou: float, out_dir: str, dist_: common.Dist) -> dict:
+def final_report(result: dict, best_miou: float, out_dir: str, dist_: common.Dist, metrics: common.Metrics) -> dict:
     """The result is the last evaluation (the weights in ckpt.pt), as BEiT v2 reports it. The best mIoU over all
     evaluations (best.pt) is extra information only: a maximum over noisy evaluations is biased upwards."""
     if dist_.is_main:
         print(format_table(result), flush=True)
         print(f"result (final evaluation, {out_dir}/ckpt.pt): mIoU {result['mIoU']:.2f}; best over the evaluations "
               f"{best_miou:.2f} ({out_dir}/best.pt, extra information, biased upwards)", flush=True)
-        common.log_json(os.path.join(out_dir, "log.jsonl"), {
-            "final_mIoU": result["mIoU"], "final_mAcc": result["mAcc"], "final_aAcc": result["aAcc"],
-            "best_mIoU": best_miou, "time": time.time()})
+    metrics.log({"final_mIoU": result["mIoU"], "final_mAcc": result["mAcc"], "final_aAcc": result["aAcc"],
+                 "best_mIoU": best_miou, "time": time.time()})
     return {**result, "best_mIoU": best_miou}
 
 
@@ -602,6 +606,11 @@ def main(cfg: SimpleNamespace):
     extra = dict(config=vars(cfg), backbone_args=backbone_args, head_args=head_args, stage="segment")
     sums, aux_sum, t0 = torch.zeros(2, device=dev), torch.zeros((), device=dev), time.time()
     check = 0.0  # the loss of the weights in hand: those of a saved checkpoint were checked when it was saved
+    if step >= last_step and not (state["evaluated"] < step and (step % cfg.eval_interval == 0 or step == cfg.iters)):
+        dist_.print(f"finished: nothing to train ({ckpt_path} is at iteration {step} of {last_step}, evaluated; "
+                    f"raise iters or max_iters to train on)")
+    metrics = common.Metrics(cfg.out_dir, cfg, dist_.is_main)  # log.jsonl, and wandb / TensorBoard if asked
+    bar = common.progress(None, dist_, desc="iter", unit="it", total=last_step, initial=step)  # all iterations
 
     with common.StopOnSignal() as stop:
         while True:
@@ -610,11 +619,9 @@ def main(cfg: SimpleNamespace):
                                   cfg.workers, cfg.eval_autocast)
                 dist_.print(f"iteration {step}: mIoU {result['mIoU']:.2f}, mAcc {result['mAcc']:.2f}, "
                             f"aAcc {result['aAcc']:.2f}")
-                if dist_.is_main:
-                    common.log_json(os.path.join(cfg.out_dir, "log.jsonl"),
-                                    {"iter": step, **result, "time": time.time()})
-                if result["mIoU"] > state["best_miou"]:
-                    common.save_state(best_path, dist_, segmenter, optimizer, step, check, mIoU=result["mIoU"], **extra)
+                metrics.log({"iter": step, **result, "time": time.time()})
+                if result["mIoU"] > state["best_miou"]:  # best.pt: the weights alone (a run resumes from ckpt.pt)
+                    common.save_state(best_path, dist_, segmenter, None, step, check, mIoU=result["mIoU"], **extra)
                 state.update(best_miou=max(state["best_miou"], result["mIoU"]), evaluated=step, result=result)
                 common.save_state(ckpt_path, dist_, segmenter, optimizer, step, check, **extra, **state)
             if step >= last_step or stop.now(dist_, sync_point=True):  # also a stop asked for while evaluating
@@ -641,15 +648,15 @@ def main(cfg: SimpleNamespace):
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                bar.update()
                 log_step = step % cfg.log_interval == 0 or step == last_step
                 if log_step:  # a GPU sync: only every log_interval steps
                     mean, count = common.mean_loss(sums, dist_, step, cfg.out_dir), sums[1].item()
-                    if dist_.is_main:
-                        common.log_json(os.path.join(cfg.out_dir, "log.jsonl"), {
-                            "iter": step, "loss": mean, "aux_loss": aux_sum.item() / count, "lr": lr,
-                            "images_per_s": count * cfg.micro_batch_size * dist_.world_size / (time.time() - t0),
-                            "time": time.time(), **({"max_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
-                                                    if dev.type == "cuda" else {})})
+                    bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
+                    metrics.log({"iter": step, "loss": mean, "aux_loss": aux_sum.item() / count, "lr": lr,
+                                 "images_per_s": count * cfg.micro_batch_size * dist_.world_size / (time.time() - t0),
+                                 "time": time.time(), **({"max_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+                                                         if dev.type == "cuda" else {})})
                     sums, aux_sum, t0 = torch.zeros_like(sums), torch.zeros_like(aux_sum), time.time()
                 due = step % cfg.ckpt_interval == 0 or step % cfg.eval_interval == 0 or step == last_step
                 stopping = stop.now(dist_, sync_point=log_step)
@@ -663,10 +670,12 @@ def main(cfg: SimpleNamespace):
                     check = seg_loss(*segmenter(images, with_aux=True), labels, cfg.aux_weight)[0].item()
                 segmenter.train()
                 common.save_state(ckpt_path, dist_, segmenter, optimizer, step, check, **extra, **state)
+    bar.close()
     dist_.close()
-    if state["result"] is None:
-        return None
-    return final_report(state["result"], state["best_miou"], cfg.out_dir, dist_)
+    report = None if state["result"] is None else final_report(state["result"], state["best_miou"], cfg.out_dir,
+                                                                dist_, metrics)
+    metrics.close()  # and curves.png
+    return report
 
 
 if __name__ == "__main__":

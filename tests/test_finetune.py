@@ -3,11 +3,14 @@ targets, end-to-end runs (demo config, resume, linear probing), bad input, and r
 import json
 import math
 import os
+import random
+import shutil
 import socket
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import common
@@ -156,7 +159,7 @@ def test_two_process_gloo_evaluation_counts_each_sample_once(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- mixup / cutmix
-def test_mixup_cutmix_targets_are_distributions_and_the_loss_is_soft_cross_entropy():
+def test_mixup_cutmix_targets_are_distributions_and_f_cross_entropy_is_their_soft_cross_entropy():
     K, s, B = 5, 0.1, 4
     mix = finetune.make_targets(finetune.settings(mixup=0.8, cutmix=1.0, mixup_switch_prob=0.5, smoothing=s), K)
     labels = torch.tensor([0, 1, 2, 4])
@@ -181,7 +184,7 @@ def test_mixup_cutmix_targets_are_distributions_and_the_loss_is_soft_cross_entro
         logits = torch.randn(B, K)
         by_hand = np.mean([sum(-t * (l - math.log(sum(math.exp(x) for x in row))) for t, l in zip(trow, row))
                            for trow, row in zip(targets.tolist(), logits.tolist())])
-        assert finetune.soft_cross_entropy(logits, targets).item() == pytest.approx(by_hand, rel=1e-5)
+        assert F.cross_entropy(logits, targets).item() == pytest.approx(by_hand, rel=1e-5)  # as the loop uses it
     assert kinds == {"mixup", "cutmix"}  # both were drawn
 
 
@@ -219,6 +222,21 @@ def test_demo_config_end_to_end(demo_run):
     assert last["epoch"] == 2 and last["step"] == 14 and last["metrics"]["samples"] == 40
     assert best["metrics"]["top1"] == max(r["val_top1"] for r in log) == last["best_top1"]
     assert set(last) >= {"model", "optimizer", "step", "epoch", "config", "model_args", "rng"}
+    assert "optimizer" not in best  # best.pt: weights only (a run resumes from ckpt.pt), as segment.py's
+    assert Image.open(os.path.join(out, "curves.png")).size[0] > 0  # drawn from log.jsonl at the end
+
+
+def test_a_finished_run_says_so_and_trains_nothing(demo_run, demo_root, pretrain_ckpt, tmp_path, capsys):
+    from conftest import stage_settings
+    done = str(tmp_path / "done")
+    shutil.copytree(demo_run[0], done)
+    before = (common.weights_digest(common.load_checkpoint(os.path.join(done, "ckpt.pt"))["model"]), _log(done))
+    cfg = stage_settings(finetune, "config/finetune_demo.py", demo_data="", data_dir=demo_root,
+                         init_from=pretrain_ckpt, out_dir=done, depth=2, epochs=2, batch_size=16,
+                         micro_batch_size=16, workers=0, device="cpu")
+    finetune.main(vars(cfg))
+    assert "finished: nothing to train" in capsys.readouterr().out
+    assert (common.weights_digest(common.load_checkpoint(os.path.join(done, "ckpt.pt"))["model"]), _log(done)) == before
 
 
 def test_resume_gives_the_same_next_epoch_loss(demo_run, demo_root, pretrain_ckpt, tmp_path):
@@ -234,18 +252,24 @@ def test_resume_gives_the_same_next_epoch_loss(demo_run, demo_root, pretrain_ckp
         assert resumed[1][key] == uninterrupted[1][key], key
 
 
-def test_eval_only_reproduces_the_logged_accuracy(demo_run, demo_root, pretrain_ckpt):
+def test_eval_only_reproduces_the_logged_accuracy_without_a_train_folder(demo_run, demo_root, pretrain_ckpt,
+                                                                        tmp_path):
     out, _ = demo_run
-    _, val, classes = finetune.image_folders(demo_root, "train", "val")
-    cfg = finetune.settings(**TINY, init_from=os.path.join(out, "best.pt"), workers=0, micro_batch_size=16)
+    shutil.copytree(os.path.join(demo_root, "val"), tmp_path / "data" / "val")  # the val split alone
+    cfg = finetune.settings(**TINY, init_from=os.path.join(out, "best.pt"), data_dir=str(tmp_path / "data"),
+                            out_dir=str(tmp_path / "eval"), eval_only=True, workers=0, micro_batch_size=16,
+                            device="cpu")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the run that logged it: the same sums, bit for bit
     try:
-        metrics = finetune.evaluate_checkpoint(cfg, val, classes, common.Dist("cpu"))
+        finetune.main(vars(cfg))
     finally:
         torch.set_num_threads(threads)
+    (result,) = _log(tmp_path / "eval")  # the result file, as segment.py's eval_only writes it
     best = max(_log(out), key=lambda r: r["val_top1"])
-    assert (metrics["top1"], metrics["top5"], metrics["samples"]) == (best["val_top1"], best["val_top5"], 40)
+    assert result["eval_only"] == cfg.init_from
+    assert (result["top1"], result["top5"], result["samples"]) == (best["val_top1"], best["val_top5"], 40)
+    _, val, classes = finetune.image_folders(demo_root, "train", "val")
     with pytest.raises(SystemExit, match="not a fine-tuned checkpoint"):
         finetune.evaluate_checkpoint(finetune.settings(**TINY, init_from=pretrain_ckpt), val, classes,
                                      common.Dist("cpu"))

@@ -70,7 +70,7 @@ def test_torchrun_two_processes_on_gloo(demo_root, tmp_path):
     digests = {line.split()[1]: line.split()[-1] for line in proc.stdout.splitlines() if "weights sha256" in line}
     assert set(digests) == {"0:", "1:"}
     assert digests["0:"] == digests["1:"]  # both replicas ended with bit-identical weights
-    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "log.jsonl", "run.lock"]  # rank 0 alone writes
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "curves.png", "log.jsonl", "run.lock"]  # rank 0 alone writes
     assert len(read_log(tmp_path)) == 1
     assert digest_of(tmp_path / "ckpt.pt") == digests["0:"]
     assert proc.stdout.count("configuration:") == 1  # printed once
@@ -125,6 +125,37 @@ def test_unreachable_teacher_weights_say_how_to_pass_a_file(demo_root, good_run)
     proc = run_script(tiny_pretrain_args(demo_root, good_run, "--teacher_pretrained=/no/such/weights.bin"),
                       check=False)
     assert proc.returncode != 0 and "--teacher_pretrained=/path/to/" in proc.stderr
+
+
+def test_offline_openai_teacher_fails_fast_with_the_same_advice(monkeypatch, tmp_path):
+    """Without the hub and without cached weights, the message comes at once (not after ~50 s of retries)."""
+    import time
+    import huggingface_hub.constants
+    import pretrain
+    assert pretrain.hub_unreachable("no-such-host.invalid", timeout=2.0)
+    monkeypatch.setattr(pretrain, "hub_unreachable", lambda: True)  # offline, also on machines that are not
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    offline, start = huggingface_hub.constants.HF_HUB_OFFLINE, time.time()
+    with pytest.raises(SystemExit, match="--teacher_pretrained=/path/to/open_clip_model.bin"):
+        pretrain.ClipTeacher("ViT-B-16-quickgelu", "openai", {"vision_cfg": {"layers": 1, "width": 64,
+                                                                               "head_width": 64}})
+    assert time.time() - start < 15
+    assert huggingface_hub.constants.HF_HUB_OFFLINE == offline  # the hub's own setting is put back
+
+
+def test_a_finished_run_says_so_and_trains_nothing(pretrain_ckpt, demo_root, tmp_path, capsys):
+    import pretrain
+    from conftest import stage_settings
+    done = str(tmp_path / "done")
+    shutil.copytree(os.path.dirname(pretrain_ckpt), done)
+    before = digest_of(os.path.join(done, "ckpt.pt"))
+    cfg = stage_settings(pretrain, "config/pretrain_demo.py", demo_data="", data_dir=f"{demo_root}/train",
+                         out_dir=done, depth=2, epochs=2, warmup_epochs=1, batch_size=16,
+                         micro_batch_size=16, workers=0, max_steps=2, device="cpu")
+    pretrain.main(cfg)  # as the conftest run that wrote it (tiny_pretrain_args, --max_steps=2)
+    out = capsys.readouterr().out
+    assert "at step 2" in out and "finished: nothing to train" in out
+    assert digest_of(os.path.join(done, "ckpt.pt")) == before
 
 
 def test_corrupt_jpeg_is_skipped_with_a_warning(demo_root, tmp_path):

@@ -264,3 +264,25 @@ def test_more_masked_patches_than_the_grid_holds_is_refused(demo_root, tmp_path)
     proc = run_script(tiny_pretrain_args(demo_root, tmp_path, "--num_masked=1000"), check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "num_masked=1000 is more than the 64 patches of the 8x8 grid (img_size=64 / patch_size=8)" in proc.stderr
+
+
+def test_device_cuda_without_a_gpu_is_a_clear_error_not_a_traceback():
+    """bench.py (as every stage, through common.Dist) on a machine where torch sees no GPU."""
+    hide_gpus = ("import runpy, sys, torch; torch.cuda.is_available = lambda: False; "
+                 "sys.argv = ['bench.py', '--device=cuda']; runpy.run_path('bench.py', run_name='__main__')")
+    proc = run_script(["-c", hide_gpus], check=False, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "device='cuda:0', but torch sees no CUDA GPU" in proc.stderr and "use device=cpu" in proc.stderr
+
+
+def test_default_workers_fit_the_cores_this_process_may_use():
+    """DataLoader warns when asked for more workers than cores (as 10 on a 2-core machine did)."""
+    import warnings
+    import finetune
+    import pretrain
+    import segment
+    for module in (pretrain, finetune, segment):
+        assert 1 <= module.workers <= common.available_cpus()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            torch.utils.data.DataLoader(range(4), num_workers=module.workers)

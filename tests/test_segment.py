@@ -296,6 +296,8 @@ def test_demo_trains_evaluates_resumes_and_evaluates_on_2_processes(odd_demo, pr
     assert len(evals) == 1 and evals[0]["iter"] == 4 and 0 <= evals[0]["mIoU"] <= 100
     assert len(evals[0]["IoU"]) == 14
     assert os.path.isfile(whole / "best.pt") and os.path.isfile(whole / "ckpt.pt")
+    assert "optimizer" not in common.load_checkpoint(str(whole / "best.pt"))  # weights only, as fine-tuning's
+    assert "optimizer" in common.load_checkpoint(str(whole / "ckpt.pt"))  # what a rerun resumes from
 
     # Stop after 2 iterations (mid-epoch, with gradient accumulation), then resume: iterations 3 and 4 repeat
     # the uninterrupted run's losses.
