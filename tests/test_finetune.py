@@ -3,7 +3,6 @@ targets, end-to-end runs (demo config, resume, linear probing), bad input, and r
 import json
 import math
 import os
-import random
 import shutil
 import socket
 
