@@ -186,6 +186,48 @@ def amp(dev: torch.device):
 
 
 # ------------------------------------------------------------------------------------------- benchmarks
+def time_loss_alone(loss_fn, pred, targets, draws, token_wise, dev) -> dict:
+    """Forward + backward times of the loss alone, DTM (the drawn schedules in turn) and token-wise interleaved."""
+    pred = pred.requires_grad_(True)
+    calls = {"dtm": 0}
+
+    def loss_only(schedules):
+        with amp(dev):
+            value = loss_fn(pred, targets, schedules, loss, beta)
+        value.backward()
+        pred.grad = None
+
+    def dtm_loss_only():
+        loss_only(draws[calls["dtm"] % len(draws)])
+        calls["dtm"] += 1
+    return time_interleaved({"DTM": dtm_loss_only, "token-wise": lambda: loss_only(token_wise)}, dev)
+
+
+def step_flops(teacher_net, student, patches: int) -> int:
+    """Analytic FLOPs of one image's step: teacher forward, student forward and backward (3x forward)."""
+    visual = teacher_net.visual
+    t_width, t_patch = visual.conv1.weight.shape[0], visual.conv1.weight.shape[-1]
+    t_flops = vit_flops(patches + 1, t_width, len(visual.transformer.resblocks),
+                        visual.transformer.resblocks[0].mlp.c_fc.out_features, 3 * t_patch ** 2,
+                        teacher_net.out_dim)
+    s_flops = vit_flops(patches + 1, student.embed_dim, len(student.blocks),
+                        student.blocks[0].mlp.fc1.out_features, 3 * patch_size ** 2, teacher_net.out_dim)
+    return t_flops + 3 * s_flops
+
+
+def step_inputs(dev: torch.device):
+    """Random uint8 images, their block masks and the DTM schedules of every timed step, all from `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (batch_size, 3, img_size, img_size), dtype=torch.uint8, generator=gen).to(dev)
+    random.seed(seed)
+    masking = pretrain.BlockMasking(img_size // patch_size, num_masked, min_block)
+    masks = torch.stack([masking() for _ in range(batch_size)]).to(dev)
+    rng = random.Random(seed)
+    draws = [schedule_tensor([sample_schedule(n_max, k_max, rng) for _ in range(num_schedules)], dev)
+             for _ in range(warmup + iters)]
+    return images, masks, draws
+
+
 def bench_step(dev: torch.device):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # pretrain.py's banner for a random teacher: expected here
@@ -195,15 +237,8 @@ def bench_step(dev: torch.device):
     net = torch.compile(student) if compile else student
     loss_fn = torch.compile(dtm_loss, fullgraph=True) if compile else dtm_loss
 
-    gen = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (batch_size, 3, img_size, img_size), dtype=torch.uint8, generator=gen).to(dev)
+    images, masks, draws = step_inputs(dev)
     grid = img_size // patch_size
-    random.seed(seed)
-    masking = pretrain.BlockMasking(grid, num_masked, min_block)
-    masks = torch.stack([masking() for _ in range(batch_size)]).to(dev)
-    rng = random.Random(seed)
-    draws = [schedule_tensor([sample_schedule(n_max, k_max, rng) for _ in range(num_schedules)], dev)
-             for _ in range(warmup + iters)]
     token_wise = schedule_tensor([], dev)
     calls = {"dtm": 0}
 
@@ -233,30 +268,9 @@ def bench_step(dev: torch.device):
 
     # The loss alone, on this step's tensors: the DTM cost without the noise of the whole step.
     pred, targets = step(token_wise)
-    pred.requires_grad_(True)
-    loss_calls = {"dtm": 0}
-
-    def loss_only(schedules):
-        with amp(dev):
-            value = loss_fn(pred, targets, schedules, loss, beta)
-        value.backward()
-        pred.grad = None
-
-    def dtm_loss_only():
-        loss_only(draws[loss_calls["dtm"] % len(draws)])
-        loss_calls["dtm"] += 1
-    loss_times = time_interleaved({"DTM": dtm_loss_only, "token-wise": lambda: loss_only(token_wise)}, dev)
+    loss_times = time_loss_alone(loss_fn, pred, targets, draws, token_wise, dev)
     extra = statistics.median(loss_times["DTM"]) - statistics.median(loss_times["token-wise"])
-
-    # Analytic FLOPs: teacher forward, student forward and backward (3x forward).
-    visual = teacher_net.visual
-    t_width, t_patch = visual.conv1.weight.shape[0], visual.conv1.weight.shape[-1]
-    t_flops = vit_flops(grid * grid + 1, t_width, len(visual.transformer.resblocks),
-                        visual.transformer.resblocks[0].mlp.c_fc.out_features, 3 * t_patch ** 2,
-                        teacher_net.out_dim)
-    s_flops = vit_flops(grid * grid + 1, student.embed_dim, len(student.blocks),
-                        student.blocks[0].mlp.fc1.out_features, 3 * patch_size ** 2, teacher_net.out_dim)
-    flops = batch_size * (t_flops + 3 * s_flops)
+    flops = batch_size * step_flops(teacher_net, student, grid * grid)
     achieved = flops / (dtm_ms / 1e3)
     mfu = f"MFU {100 * achieved / peak_flops:.1f}% of {peak_flops / 1e12:.0f} TFLOP/s" if dev.type == "cuda" \
         else "MFU: GPU only"
