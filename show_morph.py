@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw
 from torchvision.transforms import v2
 from torchvision.utils import draw_segmentation_masks, make_grid
 
+import common
 import pretrain
 from configurator import configure
 from demo_data import demo_image
