@@ -41,8 +41,8 @@ depth = 6
 img_size = 32  # CIFAR-10's own size
 patch_size = 4  # 8 x 8 = 64 tokens
 # the experiment
-seeds = [0, 1, 2]
-methods = ("dtm", "tokenwise")  # pretrain.py with dtm=True / dtm=False
+seeds = [0, 1, 2]  # a list: any number of seeds (--seeds="(0, 1, 2, 3, 4)")
+methods = ["dtm", "tokenwise"]  # pretrain.py with dtm=True / dtm=False
 teacher_epochs = 8
 pretrain_epochs = 3
 probe_epochs = 2
