@@ -96,6 +96,23 @@ def stop_at_step(monkeypatch, k):
     monkeypatch.setattr(common, "set_lr", set_lr_then_stop)
 
 
+def stopped_run_exit_code(monkeypatch, k, run) -> int:
+    """Call run() with SIGTERM sent at optimizer step k (stop_at_step) and return the code it exits with. Its
+    exception is dropped before returning: the traceback holds the stopped run's frames, and so its out_dir
+    lock, which the exit of a real process would release."""
+    import gc
+    with monkeypatch.context() as patch:
+        stop_at_step(patch, k)
+        try:
+            run()
+        except SystemExit as stopped:
+            code = stopped.code
+        else:
+            raise AssertionError(f"the run was not stopped at step {k}")
+    gc.collect()
+    return code
+
+
 def assert_same_weights(path_a, path_b):
     import common
     import torch

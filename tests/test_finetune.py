@@ -345,15 +345,13 @@ def _fit_settings(demo_root, pretrain_ckpt, out, **kw):
 
 
 def test_sigterm_mid_epoch_then_rerun_gives_bit_identical_weights(demo_root, pretrain_ckpt, tmp_path, monkeypatch):
-    from conftest import assert_same_weights, stop_at_step
+    from conftest import assert_same_weights, stopped_run_exit_code
     data = finetune.image_folders(demo_root, "train", "val")
     torch.set_num_threads(1)
     whole = finetune.fit(_fit_settings(demo_root, pretrain_ckpt, tmp_path / "whole"), *data, common.Dist("cpu"))
-    with monkeypatch.context() as patch:
-        stop_at_step(patch, 3)
-        with pytest.raises(SystemExit) as stopped:
-            finetune.fit(_fit_settings(demo_root, pretrain_ckpt, tmp_path / "split"), *data, common.Dist("cpu"))
-    assert stopped.value.code == 130 and common.load_checkpoint(str(tmp_path / "split" / "ckpt.pt"))["step"] == 3
+    code = stopped_run_exit_code(monkeypatch, 3, lambda: finetune.fit(
+        _fit_settings(demo_root, pretrain_ckpt, tmp_path / "split"), *data, common.Dist("cpu")))
+    assert code == 130 and common.load_checkpoint(str(tmp_path / "split" / "ckpt.pt"))["step"] == 3
     split = finetune.fit(_fit_settings(demo_root, pretrain_ckpt, tmp_path / "split"), *data, common.Dist("cpu"))
     assert_same_weights(tmp_path / "whole" / "ckpt.pt", tmp_path / "split" / "ckpt.pt")
     assert split == whole

@@ -285,7 +285,7 @@ def test_sigterm_mid_epoch_then_rerun_gives_bit_identical_weights(demo_root, tmp
     """Stopped by SIGTERM at step 3 of a 7-step epoch (2 micro-batches a step), then run again: the weights at
     the epoch's end equal an uninterrupted run's bit for bit (crops, masks, drop path, schedules by position)."""
     import pretrain
-    from conftest import assert_same_weights, stage_settings, stop_at_step
+    from conftest import assert_same_weights, stage_settings, stopped_run_exit_code
     torch.set_num_threads(1)
 
     def settings(out):
@@ -293,11 +293,8 @@ def test_sigterm_mid_epoch_then_rerun_gives_bit_identical_weights(demo_root, tmp
                               out_dir=str(out), depth=2, epochs=1, warmup_epochs=1, batch_size=16,
                               micro_batch_size=8, workers=workers, drop_path=0.1, device="cpu")
     pretrain.main(settings(tmp_path / "whole"))
-    with monkeypatch.context() as patch:
-        stop_at_step(patch, 3)
-        with pytest.raises(SystemExit) as stopped:
-            pretrain.main(settings(tmp_path / "split"))
-    assert stopped.value.code == 130 and common.load_checkpoint(str(tmp_path / "split" / "ckpt.pt"))["step"] == 3
+    code = stopped_run_exit_code(monkeypatch, 3, lambda: pretrain.main(settings(tmp_path / "split")))
+    assert code == 130 and common.load_checkpoint(str(tmp_path / "split" / "ckpt.pt"))["step"] == 3
     pretrain.main(settings(tmp_path / "split"))
     assert_same_weights(tmp_path / "whole" / "ckpt.pt", tmp_path / "split" / "ckpt.pt")
     whole, split = read_log(tmp_path / "whole"), read_log(tmp_path / "split")

@@ -340,7 +340,7 @@ def test_demo_on_gpu_with_bf16_and_compile(demo_root, tmp_path):
 def test_sigterm_mid_epoch_then_rerun_gives_bit_identical_weights(odd_demo, tmp_path, monkeypatch):
     """SIGTERM at iteration 3 (mid-epoch, 2 micro-batches an iteration, 2 workers), then a rerun: the final
     weights, BatchNorm statistics and evaluation equal an uninterrupted run's."""
-    from conftest import assert_same_weights, stage_settings, stop_at_step
+    from conftest import assert_same_weights, stage_settings, stopped_run_exit_code
     torch.set_num_threads(1)
 
     def settings(out):
@@ -349,11 +349,8 @@ def test_sigterm_mid_epoch_then_rerun_gives_bit_identical_weights(odd_demo, tmp_
                               batch_size=8, micro_batch_size=4, workers=2, iters=6, warmup_iters=2, eval_interval=6,
                               ckpt_interval=100, log_interval=1, device="cpu")
     whole = segment.main(settings(tmp_path / "whole"))
-    with monkeypatch.context() as patch:
-        stop_at_step(patch, 3)
-        with pytest.raises(SystemExit) as stopped:
-            segment.main(settings(tmp_path / "split"))
-    assert stopped.value.code == 130 and common.load_checkpoint(str(tmp_path / "split" / "ckpt.pt"))["step"] == 3
+    code = stopped_run_exit_code(monkeypatch, 3, lambda: segment.main(settings(tmp_path / "split")))
+    assert code == 130 and common.load_checkpoint(str(tmp_path / "split" / "ckpt.pt"))["step"] == 3
     split = segment.main(settings(tmp_path / "split"))
     assert_same_weights(tmp_path / "whole" / "ckpt.pt", tmp_path / "split" / "ckpt.pt")
     assert split["mIoU"] == whole["mIoU"]
