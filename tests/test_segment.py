@@ -347,7 +347,7 @@ def test_sigterm_mid_epoch_then_rerun_gives_bit_identical_weights(odd_demo, tmp_
         return stage_settings(segment, "config/segment_demo.py", demo_data="", data_dir=odd_demo, out_dir=str(out),
                               depth=2, crop_size=32, scale=(128, 48), eval_stride=21, channels=32, aux_channels=16,
                               batch_size=8, micro_batch_size=4, workers=2, iters=6, warmup_iters=2, eval_interval=6,
-                              ckpt_interval=100, log_interval=1, device="cpu")
+                              ckpt_interval=100, log_interval=1, micro_batch_bn=True, device="cpu")
     whole = segment.main(settings(tmp_path / "whole"))
     code = stopped_run_exit_code(monkeypatch, 3, lambda: segment.main(settings(tmp_path / "split")))
     assert code == 130 and common.load_checkpoint(str(tmp_path / "split" / "ckpt.pt"))["step"] == 3
