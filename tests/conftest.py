@@ -2,7 +2,6 @@
 import os
 import subprocess
 import sys
-import traceback
 
 import pytest
 
@@ -50,6 +49,15 @@ def run_script(args, cwd=ROOT, env=None, timeout=600, check=True):
     return proc
 
 
+def free_port() -> int:
+    """A TCP port free right now (the system picks it), for torchrun's --master_port: a fixed port collides
+    with any other run on the machine."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def tiny_pretrain_args(demo_root, out_dir, *extra):
     """pretrain.py on the demo data with a 2-block tiny ViT and a tiny random teacher: seconds per step."""
     return ["pretrain.py", "config/pretrain_demo.py", f"--demo_data={demo_root}", f"--data_dir={demo_root}/train",
@@ -88,21 +96,60 @@ def stop_at_step(monkeypatch, k):
     monkeypatch.setattr(common, "set_lr", set_lr_then_stop)
 
 
-def stopped_code(run) -> int:
-    """Run a stage in this process until it stops (SystemExit) and return its exit code. The stopped run's
-    frames are cleared, as the end of its process would clear them: they hold its out_dir lock."""
-    try:
-        run()
-    except SystemExit as e:
-        traceback.clear_frames(e.__traceback__)
-        return e.code
-    raise AssertionError("the run was expected to stop, and finished")
+def stopped_run_exit_code(monkeypatch, k, run) -> int:
+    """Call run() with SIGTERM sent at optimizer step k (stop_at_step) and return the code it exits with. Its
+    exception is dropped before returning: the traceback holds the stopped run's frames, and so its out_dir
+    lock, which the exit of a real process would release."""
+    import gc
+    with monkeypatch.context() as patch:
+        stop_at_step(patch, k)
+        try:
+            run()
+        except SystemExit as stopped:
+            code = stopped.code
+        else:
+            raise AssertionError(f"the run was not stopped at step {k}")
+    gc.collect()
+    return code
 
 
 def assert_same_weights(path_a, path_b):
     import common
     import torch
-    a, b = common.load_checkpoint(path_a)["model"], common.load_checkpoint(path_b)["model"]
+    a, b = common.load_checkpoint(str(path_a))["model"], common.load_checkpoint(str(path_b))["model"]
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def bicubic_by_hand(image, out_h: int, out_w: int):
+    """An independent bicubic resize of a NumPy array [H, W, ...] (the formula, not torch): Keys' cubic
+    convolution with a = -0.75 (PyTorch's and OpenCV's), half-pixel centres (align_corners=False, the source
+    of output i is (i + 0.5) * in / out - 0.5), border pixels repeated."""
+    import numpy as np
+
+    def weights(t, a=-0.75):
+        near = lambda d: ((a + 2) * d - (a + 3)) * d * d + 1  # |d| <= 1
+        far = lambda d: ((a * d - 5 * a) * d + 8 * a) * d - 4 * a  # 1 < |d| < 2
+        return [far(t + 1), near(t), near(1 - t), far(2 - t)]
+
+    def along(x, n_out, axis):
+        n_in = x.shape[axis]
+        out = []
+        for i in range(n_out):
+            src = (i + 0.5) * n_in / n_out - 0.5
+            base = int(np.floor(src))
+            taps = [np.take(x, min(max(base + o, 0), n_in - 1), axis=axis) for o in (-1, 0, 1, 2)]
+            out.append(sum(w * tap for w, tap in zip(weights(src - base), taps)))
+        return np.stack(out, axis=axis)
+    return along(along(np.asarray(image, dtype=np.float64), out_h, 0), out_w, 1)
+
+
+def resized_rel_pos_table_by_hand(table, old_grid, new_grid):
+    """A relative position table [(2h-1)(2w-1) + 3, heads] on another grid: bicubic_by_hand per head, the 3
+    class-token entries kept."""
+    import torch
+    (h, w), (H, W) = old_grid, new_grid
+    grid = table[:-3].detach().double().view(2 * h - 1, 2 * w - 1, -1).numpy()
+    resized = torch.from_numpy(bicubic_by_hand(grid, 2 * H - 1, 2 * W - 1)).reshape(-1, table.shape[1])
+    return torch.cat([resized.to(table.dtype), table[-3:]])

@@ -1,6 +1,7 @@
 """bench.py (the dense formulation of the official release, FLOP counts, the benchmark end to end) and
 show_morph.py (the picture)."""
 import json
+import numpy as np
 import time
 
 import pytest
@@ -135,9 +136,29 @@ def test_picture_from_a_generated_image_with_a_random_teacher(tmp_path):
 
 
 def test_picture_with_a_checkpoint_of_this_project_as_teacher(tmp_path, pretrain_ckpt):
+    """The group borders drawn (the only pure black pixels: colours are blended over the image) are those of the
+    groups matched here on the tokens of the checkpoint's own weights, loaded on their own."""
+    import common
     out = tmp_path / "morph.png"
     proc = run_script(["show_morph.py", f"--out={out}", f"--teacher={pretrain_ckpt}", "--tokens=(64, 10)"],
                       timeout=300)
     assert f"checkpoint {pretrain_ckpt}" in proc.stdout
     with Image.open(out) as png:  # the checkpoint's 64 px, 8 x 8 patches
         assert png.size == expected_png_size(3, 64)
+        left, top = show_morph.PAD + 2 * (64 + show_morph.PAD), show_morph.PAD + show_morph.LABEL
+        drawn = torch.from_numpy(np.array(png.crop((left, top, left + 64, top + 64)).convert("RGB")))
+    ckpt = common.load_checkpoint(pretrain_ckpt)
+    teacher = VisionTransformer(**ckpt["model_args"]).eval()
+    teacher.load_state_dict(ckpt["model"])
+    mean = torch.tensor(common.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(common.IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        tokens = teacher((show_morph.load_image(64)[None].float() / 255 - mean) / std)
+    groups = morph_groups(tokens, schedule_tensor([show_morph.schedule_to(64, 10, show_morph.rounds)]))[0, 0]
+    pixels = groups.view(8, 8).repeat_interleave(8, 0).repeat_interleave(8, 1)
+    border = torch.zeros(64, 64, dtype=torch.bool)
+    border[1:] |= pixels[1:] != pixels[:-1]
+    border[:, 1:] |= pixels[:, 1:] != pixels[:, :-1]
+    assert groups.unique().numel() == 10 and border.any()
+    wrong = int(((drawn == 0).all(-1) != border).sum())
+    assert wrong == 0, f"{wrong} of {64 * 64} pixels differ from the borders of the checkpoint teacher's groups"

@@ -64,18 +64,30 @@ def test_rel_pos_resize_is_identity_at_the_same_size():
     assert torch.equal(resize_rel_pos_table(table, (14, 14), (14, 14)), table)
 
 
-def test_rel_pos_resize_keeps_class_entries_and_interpolates_smooth_tables():
-    h, H = 4, 8
-    # A table linear in the relative offset stays linear in the offset (up to the stretch) after bicubic.
-    dy, dx = torch.meshgrid(torch.arange(2 * h - 1.0), torch.arange(2 * h - 1.0), indexing="ij")
-    table = torch.cat([torch.stack([dy.flatten(), dx.flatten()], 1), torch.tensor([[7.0, 8.0]] * 3)])
-    out = resize_rel_pos_table(table, (h, h), (H, H))
-    assert out.shape == ((2 * H - 1) ** 2 + 3, 2)
+def test_rel_pos_resize_is_bicubic_per_head_and_keeps_class_entries():
+    """Each head's (2h-1)x(2w-1) table resized by a bicubic written out in NumPy (conftest.bicubic_by_hand), a
+    non-square grid so that rows and columns cannot be swapped; the 3 class-token entries kept as they were."""
+    from conftest import bicubic_by_hand
+    torch.manual_seed(0)
+    (h, w), (H, W), heads = (3, 4), (5, 7), 2
+    table = torch.randn((2 * h - 1) * (2 * w - 1) + 3, heads)
+    out = resize_rel_pos_table(table, (h, w), (H, W))
+    assert out.shape == ((2 * H - 1) * (2 * W - 1) + 3, heads)
     assert torch.equal(out[-3:], table[-3:])
-    grid = out[:-3, 0].view(2 * H - 1, 2 * H - 1)
-    assert torch.allclose(grid[:, 0], grid[:, -1])  # head 0 depends on rows only
-    assert (grid[1:, 0] > grid[:-1, 0] - 1e-5).all()  # and grows with them
-    assert grid[0, 0] < 0.5 and grid[-1, 0] > 2 * h - 2 - 0.5  # spans the old range
+    tables = table[:-3].view(2 * h - 1, 2 * w - 1, heads).numpy()  # row-major offsets, heads last
+    expected = bicubic_by_hand(tables, 2 * H - 1, 2 * W - 1).reshape(-1, heads)
+    torch.testing.assert_close(out[:-3], torch.from_numpy(expected).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_abs_pos_embed_resize_is_bicubic_and_keeps_the_class_entry():
+    from conftest import bicubic_by_hand
+    from model import resize_abs_pos_embed
+    torch.manual_seed(1)
+    pos = torch.randn(1, 1 + 4 * 4, 3)
+    out = resize_abs_pos_embed(pos, (6, 6))
+    assert out.shape == (1, 1 + 36, 3) and torch.equal(out[:, 0], pos[:, 0])
+    expected = bicubic_by_hand(pos[0, 1:].view(4, 4, 3).numpy(), 6, 6).reshape(1, 36, 3)
+    torch.testing.assert_close(out[:, 1:], torch.from_numpy(expected).float(), rtol=1e-5, atol=1e-5)
 
 
 def manual_bias(table, grid):
@@ -153,14 +165,21 @@ def test_layer_ids():
     assert ids["norm.weight"] == ids["lm_head.weight"] == 4
 
 
-def test_drop_path_is_identity_in_eval_and_random_in_train():
+def test_drop_path_keeps_whole_samples_scaled_by_one_over_keep_probability():
+    """Stochastic depth by hand: each sample's branch is either 0 or the branch / (1 - p), as a whole; about
+    1 - p of them are kept; so the mean is unchanged. Identity in eval mode and at p = 0."""
+    from model import drop_path
     torch.manual_seed(5)
-    net = vit("tiny", img_size=32, depth=2, drop_path=0.5, out_dim=4)
-    x = torch.randn(8, 3, 32, 32)
-    net.eval()
-    assert torch.equal(net(x), net(x))
-    net.train()
-    assert not torch.equal(net(x), net(x))
+    x = torch.arange(1, 4001.0).view(4000, 1, 1).expand(4000, 3, 2)
+    out = drop_path(x, 0.25, training=True)
+    kept = out[:, 0, 0] != 0
+    torch.testing.assert_close(out[kept], x[kept] * 4 / 3)  # 1 / (1 - 0.25)
+    assert (out[~kept] == 0).all()
+    assert abs(kept.float().mean().item() - 0.75) < 0.03
+    assert torch.equal(drop_path(x, 0.25, training=False), x) and torch.equal(drop_path(x, 0.0, training=True), x)
+    net = vit("tiny", img_size=32, depth=2, drop_path=0.5, out_dim=4).eval()
+    images = torch.randn(8, 3, 32, 32)
+    assert torch.equal(net(images), net(images))
 
 
 def test_unknown_size_and_mask_without_token_are_errors():

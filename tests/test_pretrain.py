@@ -12,7 +12,7 @@ from conftest import run_script, tiny_pretrain_args
 
 
 def digest_of(path):
-    return common.weights_digest(common.load_checkpoint(path)["model"])
+    return common.weights_digest(common.load_checkpoint(str(path))["model"])
 
 
 def read_log(out_dir):
@@ -53,27 +53,65 @@ def test_resume_gives_the_same_next_epoch(demo_root, tmp_path):
     assert digest_of(whole / "ckpt.pt") == digest_of(split / "ckpt.pt")
 
 
-def test_gradient_accumulation_equals_one_big_batch(demo_root, tmp_path):
-    # The token-wise loss is a mean over equal micro-batches, so 2 x 8 accumulated must equal 1 x 16.
-    args = ["--dtm=False", "--max_steps=1", "--epochs=1", "--warmup_epochs=0", "--grad_clip=0.0"]
-    run_script(tiny_pretrain_args(demo_root, tmp_path / "big", *args))
-    run_script(tiny_pretrain_args(demo_root, tmp_path / "accum", *args, "--micro_batch_size=8"))
-    big = common.load_checkpoint(tmp_path / "big" / "ckpt.pt")["model"]
-    accum = common.load_checkpoint(tmp_path / "accum" / "ckpt.pt")["model"]
-    for key in big:
-        torch.testing.assert_close(accum[key], big[key], rtol=1e-4, atol=1e-6)
+def test_gradient_accumulation_equals_one_big_batch(demo_root, tmp_path, monkeypatch):
+    """2 micro-batches of 8 accumulated equal 1 batch of 16 after two SGD steps (token-wise loss: a mean over
+    equal micro-batches). A loss not divided by the number of micro-batches, or a dropped micro-batch, moves
+    nearly every weight."""
+    import pretrain
+    from conftest import stage_settings
+    from pretrain_with_sgd import sgd_instead_of_adamw
+    monkeypatch.setattr(common, "adamw", sgd_instead_of_adamw)
+    weights = {}
+    for micro in (16, 8):
+        out = tmp_path / f"micro{micro}"
+        pretrain.main(stage_settings(pretrain, "config/pretrain_demo.py", demo_data="", data_dir=f"{demo_root}/train",
+                                     out_dir=str(out), depth=2, epochs=1, warmup_epochs=0, batch_size=16,
+                                     micro_batch_size=micro, max_steps=2, grad_clip=0.0, dtm=False, lr=20.0,
+                                     workers=0, device="cpu"))
+        weights[micro] = common.load_checkpoint(str(out / "ckpt.pt"))["model"]
+    init = pretrain_init_weights(pretrain)
+    moved = 0
+    for key, big in weights[16].items():
+        torch.testing.assert_close(weights[8][key], big, rtol=1e-4, atol=1e-6)
+        if key in init and big.is_floating_point():
+            moved += int(((big - init[key]).abs() > 1e-4 * (1 + init[key].abs())).sum())
+    assert moved > 0.5 * sum(t.numel() for k, t in init.items() if t.is_floating_point())  # the test can see it
 
 
-def test_torchrun_two_processes_on_gloo(demo_root, tmp_path):
-    proc = run_script(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                       *tiny_pretrain_args(demo_root, tmp_path, "--micro_batch_size=4", "--max_steps=2")])
+def pretrain_init_weights(pretrain):
+    """The student's weights before any step, as main makes them (same seed, same teacher, same order)."""
+    from conftest import stage_settings
+    cfg = stage_settings(pretrain, "config/pretrain_demo.py", depth=2)
+    common.seed_everything(cfg.seed)
+    teacher = pretrain.build_teacher(cfg.teacher, cfg.teacher_pretrained, cfg.teacher_overrides, torch.device("cpu"))
+    args = pretrain.model_args(cfg.model, teacher.out_dim, cfg.img_size, cfg.patch_size, cfg.depth)
+    from model import VisionTransformer
+    return VisionTransformer(**args).state_dict()
+
+
+def test_torchrun_two_processes_on_gloo_equal_one_process_on_the_same_global_batch(demo_root, tmp_path):
+    """2 processes x 2 micro-batches of 4 (gloo, CPU) against 1 process x 1 batch of 16, two steps, the
+    token-wise loss (DTM's schedules are drawn per rank): the same 16 images per step, split into disjoint
+    shards, so the same weights. Overlapping shards (both ranks on the same images) give other weights."""
+    from conftest import free_port
+    args = ["--dtm=False", "--max_steps=2", "--warmup_epochs=0", "--grad_clip=0.0", "--lr=20.0"]
+    sgd = os.path.join("tests", "pretrain_with_sgd.py")  # an update linear in the gradient (see there)
+    proc = run_script(["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", sgd,
+                       *tiny_pretrain_args(demo_root, tmp_path / "ddp", "--micro_batch_size=4", *args)[1:]])
     digests = {line.split()[1]: line.split()[-1] for line in proc.stdout.splitlines() if "weights sha256" in line}
     assert set(digests) == {"0:", "1:"}
     assert digests["0:"] == digests["1:"]  # both replicas ended with bit-identical weights
-    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "curves.png", "log.jsonl", "run.lock"]  # rank 0 alone writes
-    assert len(read_log(tmp_path)) == 1
-    assert digest_of(tmp_path / "ckpt.pt") == digests["0:"]
+    assert sorted(os.listdir(tmp_path / "ddp")) == ["ckpt.pt", "curves.png", "log.jsonl", "run.lock"]  # rank 0 writes
+    assert len(read_log(tmp_path / "ddp")) == 1
+    assert digest_of(tmp_path / "ddp" / "ckpt.pt") == digests["0:"]
     assert proc.stdout.count("configuration:") == 1  # printed once
+    run_script([sgd, *tiny_pretrain_args(demo_root, tmp_path / "one", "--micro_batch_size=16", *args)[1:]])
+    ddp = common.load_checkpoint(str(tmp_path / "ddp" / "ckpt.pt"))
+    one = common.load_checkpoint(str(tmp_path / "one" / "ckpt.pt"))
+    assert ddp["step"] == one["step"] == 2
+    for key in one["model"]:
+        torch.testing.assert_close(ddp["model"][key], one["model"][key], rtol=1e-4, atol=1e-6)
+    assert read_log(tmp_path / "ddp")[0]["loss"] == pytest.approx(read_log(tmp_path / "one")[0]["loss"], rel=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -171,10 +209,60 @@ def test_corrupt_jpeg_is_skipped_with_a_warning(demo_root, tmp_path):
     assert read_log(tmp_path / "out")[0]["step"] == 1
 
 
-def test_a_checkpoint_of_this_project_can_be_the_teacher(demo_root, pretrain_ckpt, tmp_path):
-    run_script(tiny_pretrain_args(demo_root, tmp_path, f"--teacher={pretrain_ckpt}", "--max_steps=1"))
-    ckpt = common.load_checkpoint(tmp_path / "ckpt.pt")
-    assert ckpt["model_args"]["out_dim"] == 64  # the teacher checkpoint's own prediction width
+def smooth_l1_by_hand(pred, target, beta):
+    d = (pred - target).abs()
+    return torch.where(d < beta, 0.5 * d * d / beta, d - 0.5 * beta)
+
+
+def group_means_by_hand(x, groups):
+    """x [B, N, C], groups [B, N]: every token replaced by the mean of the tokens that share its group id."""
+    same = (groups[:, :, None] == groups[:, None, :]).to(x.dtype)  # [B, N, N]
+    return same @ x / same.sum(-1, keepdim=True)
+
+
+def test_one_step_of_main_minimises_the_objective_of_the_method(demo_root, pretrain_ckpt, tmp_path, monkeypatch):
+    """One optimizer step of pretrain.main with a checkpoint of this project as the teacher (DTM on): every loss
+    main computes equals the objective built here by hand for that very batch: the teacher (the checkpoint's
+    weights, loaded here on their own) sees the full image, the student the image with the mask token at the
+    masked patches, the two morphed with groups matched on the teacher's tokens, smooth-L1 (beta 2) over EVERY
+    patch (visible and masked), averaged over the schedules."""
+    import morph
+    import pretrain
+    from conftest import stage_settings
+    from model import VisionTransformer
+    ckpt = common.load_checkpoint(pretrain_ckpt)
+    teacher = VisionTransformer(**ckpt["model_args"]).eval()
+    teacher.load_state_dict(ckpt["model"])  # strict: every weight of the file
+    mean = torch.tensor(common.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(common.IMAGENET_STD).view(1, 3, 1, 1)
+    seen = []
+    step_loss = pretrain.dtm_step_loss
+
+    def spy(net, teacher_net, images, masks, schedules, loss, beta, *rest):
+        got = step_loss(net, teacher_net, images, masks, schedules, loss, beta, *rest)
+        with torch.no_grad():
+            x = (images.float() / 255 - mean) / std
+            targets = teacher(x)  # the full image, no mask
+            pred = net(x, masks)  # mask token at the masked patches
+            per_schedule = []
+            for groups in morph.morph_groups(targets, schedules):  # matched on the teacher's tokens
+                per_token = smooth_l1_by_hand(group_means_by_hand(pred, groups),
+                                              group_means_by_hand(targets, groups), 2.0)
+                per_schedule.append(per_token.mean())  # over every patch of every image, every channel
+            seen.append((got.item(), torch.stack(per_schedule).mean().item(), masks.clone(), schedules.clone()))
+        return got
+    monkeypatch.setattr(pretrain, "dtm_step_loss", spy)
+    cfg = stage_settings(pretrain, "config/pretrain_demo.py", demo_data="", data_dir=f"{demo_root}/train",
+                         out_dir=str(tmp_path), teacher=pretrain_ckpt, depth=2, epochs=1, batch_size=16,
+                         micro_batch_size=16, max_steps=1, workers=0, drop_path=0.0, beta=2.0, loss="smooth_l1",
+                         dtm=True, num_schedules=2, device="cpu")
+    pretrain.main(cfg)
+    assert len(seen) == 2  # the step, and the check of the saved weights
+    for got, expected, masks, schedules in seen:
+        assert got == pytest.approx(expected, rel=1e-5)
+        assert masks.shape == (16, 64) and (masks.sum(1) == cfg.num_masked).all()  # 26 of 64 patches masked
+        assert schedules.shape[0] == 2 and schedules.sum() > 0  # DTM really merges
+    assert common.load_checkpoint(str(tmp_path / "ckpt.pt"))["model_args"]["out_dim"] == 64  # the teacher's width
 
 
 def test_clip_teacher_targets_are_projected_ln_post_patch_tokens():
@@ -227,7 +315,7 @@ def test_sigterm_mid_epoch_then_rerun_gives_bit_identical_weights(demo_root, tmp
     """Stopped by SIGTERM at step 3 of a 7-step epoch (2 micro-batches a step), then run again: the weights at
     the epoch's end equal an uninterrupted run's bit for bit (crops, masks, drop path, schedules by position)."""
     import pretrain
-    from conftest import assert_same_weights, stage_settings, stop_at_step, stopped_code
+    from conftest import assert_same_weights, stage_settings, stopped_run_exit_code
     torch.set_num_threads(1)
 
     def settings(out):
@@ -235,10 +323,8 @@ def test_sigterm_mid_epoch_then_rerun_gives_bit_identical_weights(demo_root, tmp
                               out_dir=str(out), depth=2, epochs=1, warmup_epochs=1, batch_size=16,
                               micro_batch_size=8, workers=workers, drop_path=0.1, device="cpu")
     pretrain.main(settings(tmp_path / "whole"))
-    with monkeypatch.context() as patch:
-        stop_at_step(patch, 3)
-        code = stopped_code(lambda: pretrain.main(settings(tmp_path / "split")))
-    assert code == 130 and common.load_checkpoint(tmp_path / "split" / "ckpt.pt")["step"] == 3
+    code = stopped_run_exit_code(monkeypatch, 3, lambda: pretrain.main(settings(tmp_path / "split")))
+    assert code == 130 and common.load_checkpoint(str(tmp_path / "split" / "ckpt.pt"))["step"] == 3
     pretrain.main(settings(tmp_path / "split"))
     assert_same_weights(tmp_path / "whole" / "ckpt.pt", tmp_path / "split" / "ckpt.pt")
     whole, split = read_log(tmp_path / "whole"), read_log(tmp_path / "split")
@@ -255,7 +341,7 @@ def test_a_diverging_run_leaves_a_finite_checkpoint_that_trains_again(demo_root,
     proc = run_script(tiny_pretrain_args(demo_root, tmp_path, *args, f"--lr={lr}", "--epochs=4"), check=False)
     refusal = "non-finite loss" if lr == "1e30" else "config error: lr: inf from --lr=1e999 is not a finite number"
     assert proc.returncode != 0 and refusal in proc.stderr
-    ckpt = common.load_checkpoint(tmp_path / "ckpt.pt")
+    ckpt = common.load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert ckpt["step"] == 1 and all(t.isfinite().all() for t in ckpt["model"].values() if t.is_floating_point())
     run_script(tiny_pretrain_args(demo_root, tmp_path, *args, "--epochs=3"))  # the rerun from it trains
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3]

@@ -212,15 +212,16 @@ def test_poly_schedule_like_mmcv():
 def test_pretraining_checkpoint_converts_to_segmenter(pretrain_ckpt):
     cfg = segment.settings(init_from=pretrain_ckpt, crop_size=96,  # 12x12 patches of 8 px: tables resized from 8x8
                            num_classes=14, channels=32)
+    from conftest import resized_rel_pos_table_by_hand
     net, args, head = segment.build_segmenter(cfg, common.Dist("cpu"))
     ckpt = common.load_checkpoint(pretrain_ckpt)
     state = ckpt["model"]
     assert args["img_size"] == 96 and not args["shared_rel_pos"] and head["out_indices"] == [0, 0, 0, 1]
     assert net.backbone.rel_pos is None and net.backbone.mask_token is None
     for i, block in enumerate(net.backbone.blocks):
-        expected = model.resize_rel_pos_table(state[f"blocks.{i}.attn.rel_pos.table"] + state["rel_pos.table"],
-                                              (8, 8), (12, 12))
-        torch.testing.assert_close(block.attn.rel_pos.table.data, expected)
+        expected = resized_rel_pos_table_by_hand(state[f"blocks.{i}.attn.rel_pos.table"] + state["rel_pos.table"],
+                                                 (8, 8), (12, 12))
+        torch.testing.assert_close(block.attn.rel_pos.table.data, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(net.backbone.patch_embed.weight.data, state["patch_embed.weight"])
     torch.testing.assert_close(net.backbone.blocks[1].mlp.fc2.weight.data, state["blocks.1.mlp.fc2.weight"])
 
@@ -248,6 +249,16 @@ def test_label_above_num_classes_is_an_error(tmp_path):
     _write_pair(tmp_path, "validation", "x", label)
     ds = segment.ADE20K(str(tmp_path), "validation", 150, segment.eval_transform((16, 8)))
     with pytest.raises(ValueError, match=r"x\.png has label 151 > num_classes=150"):
+        ds[0]
+
+
+@pytest.mark.parametrize("split", ["training", "validation"])
+def test_label_map_of_another_size_than_its_image_is_an_error(tmp_path, split):
+    """A 10x8 label map for an 8x8 image: per-pixel labels would be scored against the wrong pixels."""
+    _write_pair(tmp_path, split, "y", np.ones((8, 10), np.uint8), image=False)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / split / "y.jpg")
+    ds = segment.ADE20K(str(tmp_path), split, 150, segment.eval_transform((16, 8)))  # checked before any transform
+    with pytest.raises(ValueError, match=r"y\.png is 10x8 but its image .*y\.jpg is 8x8"):
         ds[0]
 
 
@@ -331,19 +342,17 @@ def test_demo_on_gpu_with_bf16_and_compile(demo_root, tmp_path):
 def test_sigterm_mid_epoch_then_rerun_gives_bit_identical_weights(odd_demo, tmp_path, monkeypatch):
     """SIGTERM at iteration 3 (mid-epoch, 2 micro-batches an iteration, 2 workers), then a rerun: the final
     weights, BatchNorm statistics and evaluation equal an uninterrupted run's."""
-    from conftest import assert_same_weights, stage_settings, stop_at_step, stopped_code
+    from conftest import assert_same_weights, stage_settings, stopped_run_exit_code
     torch.set_num_threads(1)
 
     def settings(out):
         return stage_settings(segment, "config/segment_demo.py", demo_data="", data_dir=odd_demo, out_dir=str(out),
                               depth=2, crop_size=32, scale=(128, 48), eval_stride=21, channels=32, aux_channels=16,
                               batch_size=8, micro_batch_size=4, workers=2, iters=6, warmup_iters=2, eval_interval=6,
-                              ckpt_interval=100, log_interval=1, device="cpu", micro_batch_bn=True)
+                              ckpt_interval=100, log_interval=1, micro_batch_bn=True, device="cpu")
     whole = segment.main(settings(tmp_path / "whole"))
-    with monkeypatch.context() as patch:
-        stop_at_step(patch, 3)
-        code = stopped_code(lambda: segment.main(settings(tmp_path / "split")))
-    assert code == 130 and common.load_checkpoint(tmp_path / "split" / "ckpt.pt")["step"] == 3
+    code = stopped_run_exit_code(monkeypatch, 3, lambda: segment.main(settings(tmp_path / "split")))
+    assert code == 130 and common.load_checkpoint(str(tmp_path / "split" / "ckpt.pt"))["step"] == 3
     split = segment.main(settings(tmp_path / "split"))
     assert_same_weights(tmp_path / "whole" / "ckpt.pt", tmp_path / "split" / "ckpt.pt")
     assert split["mIoU"] == whole["mIoU"]

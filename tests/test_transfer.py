@@ -304,7 +304,8 @@ def test_demo_config_writes_the_table(killed_then_rerun):
     assert table in resumed.stdout  # printed at the end too
 
 
-def test_a_run_killed_during_the_second_dataset_resumes_it(killed_then_rerun):
+def test_a_run_killed_during_the_second_dataset_resumes_it(killed_then_rerun, demo_root, pretrain_ckpt, tmp_path):
+    """The resumed dataset's log equals, value for value, that of the same dataset run without a kill."""
     out, killed, resumed, _ = killed_then_rerun
     assert [r["dataset"] for r in killed["results"]] == ["demo_coarse"]  # the first finished, the second did not
     assert 1 <= len(killed["fine_log"]) < 3
@@ -312,6 +313,12 @@ def test_a_run_killed_during_the_second_dataset_resumes_it(killed_then_rerun):
     assert f"resuming from {os.path.join(out, 'demo_fine', 'ckpt.pt')}" in resumed.stdout
     fine_log = _lines(os.path.join(out, "demo_fine", "log.jsonl"))
     assert [r["epoch"] for r in fine_log] == [0, 1, 2]  # the killed epochs are not repeated, none is missing
+    run_script([*_demo_args(demo_root, pretrain_ckpt, tmp_path), "--datasets=demo_fine"], env=ONE_THREAD)
+    whole = _lines(tmp_path / "demo_fine" / "log.jsonl")
+    for key in ("epoch", "step", "train_loss", "val_loss", "val_top1", "val_top5", "best_top1"):
+        assert [r[key] for r in fine_log] == [r[key] for r in whole], key  # same thread count: bit-identical
+    rows = json.load(open(os.path.join(out, "results.json")))["rows"]
+    assert rows[1] == {**json.load(open(tmp_path / "results.json"))["rows"][0], "checkpoint": rows[1]["checkpoint"]}
 
 
 def test_a_second_run_skips_finished_datasets(killed_then_rerun):
