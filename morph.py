@@ -89,9 +89,9 @@ def matching_round(gram: torch.Tensor, length: torch.Tensor, group: torch.Tensor
     new_pos[:, 0::2] = torch.where(merged, n_kept + partner, kept.cumsum(dim=-1) - 1)
     new_pos[:, 1::2] = n_kept + pos[:N // 2]
     new_pos = torch.where(live & (r[:, None] > 0), new_pos, pos)  # a round of 0 merges changes nothing
-    # Merging groups adds their rows and their columns: entry (p, q) moves to (new_pos[p], new_pos[q]).
-    index = (new_pos[:, :, None] * N + new_pos[:, None, :]).flatten(1)
-    gram = torch.zeros_like(gram).flatten(1).scatter_add_(1, index, gram.flatten(1)).view(R, N, N)
+    # Merging groups adds their rows, then their columns: entry (p, q) moves to (new_pos[p], new_pos[q]).
+    rows = torch.zeros_like(gram).scatter_add_(1, new_pos[:, :, None].expand(R, N, N), gram)
+    gram = torch.zeros_like(gram).scatter_add_(2, new_pos[:, None, :].expand(R, N, N), rows)
     return gram, length - r, new_pos.gather(1, group)
 
 
