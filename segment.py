@@ -280,11 +280,10 @@ def find_root(path: str) -> str:
 
 class ADE20K(torch.utils.data.Dataset):
     """(image, label) pairs of one split. Training: the augmented crop [3, crop, crop] (normalised) and its
-    labels [crop, crop]; evaluation: the rescaled image and the labels at the original size. Augmentation
-    draws from a generator seeded by (seed, epoch, index), so a sample's crop does not depend on which worker
-    loads it or whether the run was resumed."""
+    labels [crop, crop]; evaluation: the rescaled image and the labels at the original size. Training wraps it
+    in common.SeededSamples, which seeds each sample's augmentation by (seed, epoch, index)."""
 
-    def __init__(self, root: str, split: str, num_classes: int, transform, seed: int = 0):
+    def __init__(self, root: str, split: str, num_classes: int, transform):
         image_dir, label_dir = os.path.join(root, "images", split), os.path.join(root, "annotations", split)
         if not os.path.isdir(image_dir):
             raise FileNotFoundError(f"{image_dir!r} does not exist; expected {root}/images/{split}/<name>.jpg")
@@ -297,14 +296,11 @@ class ADE20K(torch.utils.data.Dataset):
         if missing:
             raise FileNotFoundError(f"{len(missing)} image(s) in {image_dir} have no annotation file; the first: "
                                     f"{missing[0][0]} needs {missing[0][1]}")
-        self.num_classes, self.transform, self.seed, self.epoch = num_classes, transform, seed, 0
+        self.num_classes, self.transform = num_classes, transform
         self.train = split == "training"
 
     def __len__(self):
         return len(self.samples)
-
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
 
     def load(self, i: int) -> tuple[tv_tensors.Image, torch.Tensor]:
         """The image (uint8 [3, H, W]) and its labels mapped to 0..num_classes-1 and 255 ([H, W], int64)."""
@@ -330,9 +326,7 @@ class ADE20K(torch.utils.data.Dataset):
         image, label = self.load(i)
         if not self.train:
             return self.transform(image).as_subclass(torch.Tensor), label
-        with torch.random.fork_rng(devices=[]):  # a private CPU RNG: same crop for the same (seed, epoch, index)
-            torch.default_generator.manual_seed((self.seed * 100_003 + self.epoch) * 10_000_019 + i)
-            image, mask = self.transform(image, tv_tensors.Mask(label.to(torch.uint8)))
+        image, mask = self.transform(image, tv_tensors.Mask(label.to(torch.uint8)))
         return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).long()
 
 
@@ -582,7 +576,7 @@ def main(cfg: SimpleNamespace):
     # Data: each image's rescale, crop, flip and photometric distortion are drawn from (seed, epoch, index).
     try:
         train_set = ADE20K(root, "training", cfg.num_classes,
-                           train_transform(cfg.crop_size, cfg.scale, cfg.ratio_range, cfg.cat_max_ratio), seed=cfg.seed)
+                           train_transform(cfg.crop_size, cfg.scale, cfg.ratio_range, cfg.cat_max_ratio))
     except FileNotFoundError as e:
         raise SystemExit(f"data error: {e}") from e
     loader = common.data_loader(common.SeededSamples(train_set, cfg.seed), cfg.micro_batch_size, dist_, train=True,
