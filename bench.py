@@ -3,7 +3,7 @@
 1. the pre-training step of pretrain.py (teacher forward, student forward and backward, loss, AdamW step)
    with the DTM loss and with the token-wise baseline (dtm=False), interleaved step by step: ms per step,
    images per second, peak memory, FLOPs (counted analytically) and, on GPU, the model FLOPs utilisation;
-   the DTM overhead is the ratio of the two medians;
+   the DTM overhead is the median of the ratios of back-to-back pairs of steps;
 2. dtm_loss forward and backward against the dense formulation of the official release (N'xN source
    matrices tracked over the rounds, morphing with two matmuls), worst case n = 196, k = 14; with --compile
    also torch.compile(dtm_loss, fullgraph=True): its compile time, its graphs, and that new schedules add none;

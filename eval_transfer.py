@@ -333,6 +333,10 @@ def main(config: dict, given: set):
             dist_.print(f"\n{name}: {len(data[0])} training and {len(data[1])} eval images, {len(data[2])} classes; "
                         f"recipe {path or 'finetune.py defaults'}" + (f", then {overrides}" if overrides else ""))
             metrics = finetune.fit(cfg, *data, dist_)
+            if not metrics["epochs"]:
+                raise SystemExit(f"{name}: max_steps={cfg.max_steps} stopped training before the end of the first "
+                                 f"epoch, which is evaluated first: there is no result to record. Leave max_steps=0 "
+                                 f"or raise it past the first epoch.")
             rows.append({"dataset": name, "top1": metrics["top1"], "top5": metrics["top5"],
                          "best_top1": metrics["best_top1"], "epochs": metrics["epochs"], "img_size": cfg.img_size,
                          "checkpoint": checkpoint})

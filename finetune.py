@@ -309,7 +309,8 @@ def fit(cfg, train_data, val_data, classes: list, dist_: common.Dist) -> dict:
     """Fine-tune (or linear-probe) on `train_data`, evaluating on `val_data` after every epoch; both yield
     (PIL image, int label). Checkpoints go to cfg.out_dir (ckpt.pt: last, best.pt: best val top-1) and a run
     whose out_dir holds ckpt.pt resumes from it, evaluating first an epoch it finished but did not evaluate.
-    Returns the last evaluation, the best top-1 and the number of epochs."""
+    Returns the last evaluation, the best top-1 and the number of epochs evaluated (fewer than the schedule's
+    when max_steps stops it early)."""
     dev = dist_.device
     epochs, warmup_epochs = (cfg.probe_epochs, cfg.probe_warmup_epochs) if cfg.linear_probe else \
         (cfg.epochs, cfg.warmup_epochs)
@@ -426,7 +427,7 @@ def fit(cfg, train_data, val_data, classes: list, dist_: common.Dist) -> dict:
             common.save_state(ckpt_path, dist_, net, optimizer, step, check, epoch=step // steps_per_epoch, **extra,
                               **state)
     log.close()  # and curves.png
-    return dict(state["metrics"], best_top1=state["best_top1"], epochs=epochs)
+    return dict(state["metrics"], best_top1=state["best_top1"], epochs=state["evaluated"])  # epochs evaluated
 
 
 def evaluate_checkpoint(cfg, val_data, classes: list, dist_: common.Dist) -> dict:

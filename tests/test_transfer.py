@@ -361,3 +361,27 @@ def test_sigterm_during_the_final_evaluation_then_rerun_reports_the_final_epoch(
     split = run(tmp_path / "split")
     assert split == whole and len(split) == 1
     assert _lines(tmp_path / "split" / "demo_coarse" / "log.jsonl")[-1]["epoch"] == 1
+
+
+def test_max_steps_before_the_first_evaluation_is_refused_and_after_it_records_the_epochs_evaluated(
+        demo_root, pretrain_ckpt, tmp_path):
+    """max_steps cuts a smoke run short: before the first evaluation there is no result (a clear error, no row);
+    after it, the row says how many epochs were evaluated instead of the schedule's length."""
+    import torch
+    from configurator import parse_args, settings_of
+    defaults = {**settings_of(vars(eval_transfer)), **eval_transfer.FINETUNE_DEFAULTS}
+    steps_per_epoch = len(eval_transfer.load_dataset("demo_coarse", "", demo_root)[0]) // 16
+
+    def run(max_steps):
+        args = [os.path.join(ROOT, "config", "transfer_demo.py"), f"--init_from={pretrain_ckpt}", "--depth=2",
+                f"--demo_data={demo_root}", f"--out_dir={tmp_path / str(max_steps)}", "--datasets=demo_coarse",
+                "--epochs=3", "--batch_size=16", "--micro_batch_size=16", "--device=cpu", f"--max_steps={max_steps}"]
+        changes = parse_args(args, defaults)
+        eval_transfer.main({**defaults, **changes}, set(changes))
+        return json.load(open(tmp_path / str(max_steps) / "results.json"))["rows"]
+    torch.set_num_threads(1)
+    with pytest.raises(SystemExit, match="max_steps=1 stopped training before the end of the first epoch"):
+        run(1)
+    assert not os.path.exists(tmp_path / "1" / "results.json")
+    rows = run(steps_per_epoch + 1)
+    assert [(r["dataset"], r["epochs"]) for r in rows] == [("demo_coarse", 1)]
