@@ -550,9 +550,20 @@ def optional_import(module: str, setting: str, package: str):
                          f"pip install {package}, or leave {setting}=False") from None
 
 
+def wandb_run_id(out_dir: str) -> str:
+    """The wandb run id of out_dir, made once and kept in out_dir/wandb_id.txt: a resumed run (same out_dir)
+    goes on logging into the same wandb run instead of starting a new one."""
+    path = os.path.join(out_dir, "wandb_id.txt")
+    if not os.path.isfile(path):
+        atomic_write(path, lambda f: f.write(os.urandom(8).hex().encode()))
+    with open(path) as f:
+        return f.read().strip()
+
+
 class Metrics:
     """A run's numbers: each record goes to out_dir/log.jsonl and, where the settings ask (cfg.wandb_log,
-    cfg.tensorboard), to Weights & Biases and TensorBoard (out_dir/tb), on rank 0 only. close() draws the
+    cfg.tensorboard), to Weights & Biases (one run per out_dir, resumed with it) and TensorBoard (out_dir/tb),
+    on rank 0 only. close() draws the
     curves of log.jsonl into out_dir/curves.png (plot.py). wandb and tensorboard are optional and imported
     only when asked for."""
 
@@ -561,7 +572,7 @@ class Metrics:
         if is_main and getattr(cfg, "wandb_log", False):
             wandb = optional_import("wandb", "wandb_log", "wandb")
             self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or os.path.basename(
-                os.path.abspath(out_dir)), config=vars(cfg), dir=out_dir)
+                os.path.abspath(out_dir)), config=vars(cfg), dir=out_dir, id=wandb_run_id(out_dir), resume="allow")
         if is_main and getattr(cfg, "tensorboard", False):
             writer = optional_import("torch.utils.tensorboard", "tensorboard", "tensorboard").SummaryWriter
             self.tensorboard = writer(os.path.join(out_dir, "tb"))

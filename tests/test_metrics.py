@@ -165,3 +165,14 @@ def test_metrics_off_by_default_and_only_rank_0_writes(tmp_path, fakes):
     other_rank.log({"step": 1, "loss": 0.5})
     other_rank.close()
     assert wandb.inits == [] and writers == [] and not os.listdir(tmp_path)
+
+
+def test_a_resumed_run_logs_into_the_same_wandb_run_and_another_out_dir_into_a_new_one(tmp_path, fakes):
+    wandb, _ = fakes
+    cfg = SimpleNamespace(wandb_log=True, wandb_project="dtm", wandb_run_name="", tensorboard=False)
+    for out in ("a", "a", "b"):  # the second "a" is a restart of the first
+        os.makedirs(tmp_path / out, exist_ok=True)
+        common.Metrics(str(tmp_path / out), cfg).close()
+    ids = [init["id"] for init in wandb.inits]
+    assert ids[0] == ids[1] != ids[2] and all(init["resume"] == "allow" for init in wandb.inits)
+    assert open(tmp_path / "a" / "wandb_id.txt").read() == ids[0]
