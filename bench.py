@@ -5,7 +5,8 @@
    images per second, peak memory, FLOPs (counted analytically) and, on GPU, the model FLOPs utilisation;
    the DTM overhead is the median of the ratios of back-to-back pairs of steps;
 2. dtm_loss forward and backward against the dense formulation of the official release (N'xN source
-   matrices tracked over the rounds, morphing with two matmuls), worst case n = 196, k = 14; with --compile
+   matrices tracked over the rounds, morphing with two matmuls), worst case n = 196, k = 14, and the aten ops
+   (and on GPU the kernels) one call of each dispatches; with --compile
    also torch.compile(dtm_loss, fullgraph=True): its compile time, its graphs, and that new schedules add none;
 3. our ViT's forward and backward against timm's BEiT of identical size (when timm is importable).
 
@@ -168,6 +169,21 @@ def time_interleaved(fns: dict, dev: torch.device) -> dict:
             if i >= warmup:
                 times[name].append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+def dispatches(fn, dev: torch.device) -> tuple:
+    """Operators dispatched by one call of fn (aten ops called from Python, not those they call in turn) and,
+    on GPU, the kernels (and copies) the GPU ran: how much of a call is the host's work."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + \
+        ([torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        sync(dev)
+    events = prof.events()
+    ops = sum(e.name.startswith("aten::") and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))
+              for e in events)
+    kernels = sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events)
+    return ops, kernels if dev.type == "cuda" else None
 
 
 def fmt(ms: list) -> str:
@@ -335,6 +351,7 @@ def bench_loss(dev: torch.device):
         variants["compiled"] = run(compiled, "compiled", schedule_tensor(schedules, dev))
     times = time_interleaved(variants, dev)
     ours, dense = statistics.median(times["dtm_loss"]), statistics.median(times["dense"])
+    counts = {name: dispatches(fn, dev) for name, fn in variants.items()}
     print(f"\n[loss] dtm_loss forward + backward, B={loss_batch}, N={loss_tokens}, D={loss_dim}, L=2, "
           f"n={loss_n}, k={loss_k} (schedule {r} x {loss_k} rounds), fp32")
     print(f"  dtm_loss (morph.py)            {fmt(times['dtm_loss'])}")
@@ -347,6 +364,9 @@ def bench_loss(dev: torch.device):
               f"backward); 10 new random schedules compiled {new_graphs} more graphs")
     else:
         print("  compiled graphs and compile time of dtm_loss: not measured (run with --compile)")
+    for name, (ops, kernels) in counts.items():
+        print(f"  one call of {name}: {ops} aten ops dispatched" + (f", {kernels} GPU kernels" if kernels is not None
+                                                                     else " (GPU kernels: GPU only)"))
     print(f"  loss values: dtm_loss {values['dtm_loss'].item():.6f}, dense {values['dense'].item():.6f} "
           f"(fp32: near-ties in the matching may differ; tests/test_bench.py checks equality in fp64)")
 

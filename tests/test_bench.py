@@ -96,10 +96,17 @@ def test_bench_runs_end_to_end_and_prints_every_figure():
     elapsed = time.time() - start
     for figure in ("DTM step", "token-wise step", "images/s", "DTM overhead:", "loss alone", "peak RSS",
                    "TFLOP per step", "MFU: GPU only", "speed-up of dtm_loss over the dense formulation",
-                   "compiled graphs",
+                   "compiled graphs", "one call of dtm_loss:", "aten ops dispatched",
                    "ours (model.py)", "timm Beit", "ours / timm time", "bench done"):
         assert figure in out, f"{figure!r} missing from:\n{out}"
     assert elapsed < 60, f"bench.py took {elapsed:.0f} s at a tiny size"
+
+
+def test_dispatches_counts_the_ops_called_from_python_not_the_ops_inside_them():
+    x = torch.randn(4, 3)
+    # add, ones, linear (which calls t and matmul, and matmul mm, inside itself) and sum: 4 from Python
+    assert bench.dispatches(lambda: torch.nn.functional.linear(x + 1, torch.ones(2, 3)).sum(), torch.device("cpu")) \
+        == (4, None)
 
 
 def test_bench_rejects_unknown_parts():
