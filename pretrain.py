@@ -1,7 +1,7 @@
 """DTM pre-training: a BEiT-style ViT student learns to predict a frozen CLIP teacher's patch tokens from a
 block-masked image, with the Dynamic Token Morphing loss (morph.py).
 
-    python pretrain.py config/pretrain_demo.py                                  # offline demo, CPU, minutes
+    python pretrain.py config/pretrain_demo.py      # offline demo, CPU, minutes (after its teacher: see the config)
     torchrun --nproc_per_node=8 pretrain.py config/pretrain_vitb_300ep.py --data_dir=/data/imagenet/train
 
 Every setting below can be changed by a config file or --key=value (configurator.py). A run whose out_dir
@@ -254,6 +254,16 @@ class CheckpointTeacher(torch.nn.Module):
         return self.net(normalize(images_uint8, self.mean, self.std))
 
 
+def check_teacher_file(teacher: str):
+    """A teacher given as a path (a folder in it, or a checkpoint's suffix) must exist; without this, a missing
+    file would be taken for an unknown open_clip model name."""
+    looks_like_path = os.sep in teacher or teacher.endswith((".pt", ".pth"))
+    if looks_like_path and not os.path.isfile(teacher):
+        raise SystemExit(f"teacher={teacher!r} does not exist: train it first (a checkpoint of finetune.py, "
+                         f"eval_transfer.py or pretrain.py), or name an open_clip model. The offline demo's "
+                         f"teacher is written by: python eval_transfer.py config/teacher_demo.py")
+
+
 def build_teacher(teacher: str, pretrained: str, overrides: dict, device: torch.device) -> torch.nn.Module:
     """The frozen teacher: a checkpoint of this project if `teacher` is a file, else an open_clip model."""
     net = CheckpointTeacher(teacher) if os.path.isfile(teacher) else ClipTeacher(teacher, pretrained, overrides)
@@ -308,6 +318,7 @@ def main(cfg: SimpleNamespace):
     dev = dist_.device
     accum = dist_.accumulation_steps(cfg.batch_size, cfg.micro_batch_size)
     check_masking(cfg.num_masked, cfg.img_size, cfg.patch_size)
+    check_teacher_file(cfg.teacher)
     if cfg.demo_data:
         dist_.on_main(make_demo_dataset, cfg.demo_data, size=cfg.img_size, seed=cfg.seed)
 

@@ -58,11 +58,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The pre-training demo distils the teacher that the teacher demo trains (a checkpoint under out/). Tests of
+# pre-training mechanics need no knowledgeable teacher: they take a small randomly initialised open_clip one
+# (64-d tokens, 8-px patches at 64 px), the same wherever they run.
+RANDOM_TEACHER = {"teacher": "ViT-B-16-quickgelu", "teacher_pretrained": "",
+                  "teacher_overrides": {"embed_dim": 64, "vision_cfg": {"image_size": 64, "patch_size": 8,
+                                                                        "width": 128, "layers": 2, "head_width": 64},
+                                        "text_cfg": {"width": 64, "heads": 1, "layers": 1}}}
+
+
 def tiny_pretrain_args(demo_root, out_dir, *extra):
     """pretrain.py on the demo data with a 2-block tiny ViT and a tiny random teacher: seconds per step."""
     return ["pretrain.py", "config/pretrain_demo.py", f"--demo_data={demo_root}", f"--data_dir={demo_root}/train",
             f"--out_dir={out_dir}", "--depth=2", "--epochs=2", "--warmup_epochs=1", "--batch_size=16",
-            "--micro_batch_size=16", "--workers=0", *extra]
+            "--micro_batch_size=16", "--workers=0", *(f"--{k}={v}" for k, v in RANDOM_TEACHER.items()), *extra]
 
 
 @pytest.fixture(scope="session")

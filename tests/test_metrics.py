@@ -91,14 +91,14 @@ def check_received(out_dir, wandb, writers, project, run_name):
 
 def test_pretraining_sends_wandb_and_tensorboard_the_numbers_of_log_jsonl(demo_root, tmp_path, fakes):
     import pretrain
-    from conftest import stage_settings
+    from conftest import RANDOM_TEACHER, stage_settings
     wandb, writers = fakes
     out = str(tmp_path / "run")
     torch.set_num_threads(1)
     cfg = stage_settings(pretrain, "config/pretrain_demo.py", demo_data="", data_dir=f"{demo_root}/train",
                          out_dir=out, depth=2, epochs=2, warmup_epochs=1, batch_size=16, micro_batch_size=16,
                          workers=0, max_steps=9, device="cpu", wandb_log=True, wandb_project="p",
-                         tensorboard=True)
+                         tensorboard=True, **RANDOM_TEACHER)
     pretrain.main(cfg)
     assert [r["step"] for r in read_log(out)] == [7, 9]  # the epoch's end and the last step
     check_received(out, wandb, writers, "p", "run")  # wandb_run_name '': the out_dir's name

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import common
-from conftest import run_script, tiny_pretrain_args
+from conftest import RANDOM_TEACHER, ROOT, run_script, tiny_pretrain_args
 
 
 def digest_of(path):
@@ -30,12 +30,23 @@ def test_demo_run_writes_a_complete_checkpoint(pretrain_ckpt):
     assert len(log) == 1 and log[0]["step"] == 2 and 0 < log[0]["loss"] < 10
 
 
-def test_the_demo_config_itself_runs(demo_root, tmp_path):
-    proc = run_script(["pretrain.py", "config/pretrain_demo.py", f"--demo_data={demo_root}",
-                       f"--data_dir={demo_root}/train", f"--out_dir={tmp_path}", "--max_steps=1", "--workers=0"])
-    assert "RANDOMLY INITIALISED" in proc.stderr  # a random teacher is announced loudly
+def test_the_demo_config_runs_and_a_random_teacher_is_announced_loudly(demo_root, tmp_path):
+    proc = run_script(tiny_pretrain_args(demo_root, tmp_path, "--max_steps=1"))
+    assert "RANDOMLY INITIALISED" in proc.stderr
     assert "model              = 'tiny'" in proc.stdout  # the resolved configuration is printed
     assert read_log(tmp_path)[0]["step"] == 1
+
+
+def test_the_demo_config_without_its_teacher_names_the_command_that_trains_it(demo_root, tmp_path):
+    """Run where the teacher demo has not been run: the demo stops at once, naming the missing checkpoint and
+    the command that writes it, and writes nothing (not even out_dir)."""
+    proc = run_script([os.path.join(ROOT, "pretrain.py"), os.path.join(ROOT, "config", "pretrain_demo.py"),
+                       f"--demo_data={demo_root}", f"--data_dir={demo_root}/train", "--workers=0"], cwd=tmp_path,
+                      check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "teacher='out/teacher_demo/demo_coarse/ckpt.pt' does not exist" in proc.stderr
+    assert "python eval_transfer.py config/teacher_demo.py" in proc.stderr
+    assert os.listdir(tmp_path) == []
 
 
 def test_resume_gives_the_same_next_epoch(demo_root, tmp_path):
@@ -67,7 +78,7 @@ def test_gradient_accumulation_equals_one_big_batch(demo_root, tmp_path, monkeyp
         pretrain.main(stage_settings(pretrain, "config/pretrain_demo.py", demo_data="", data_dir=f"{demo_root}/train",
                                      out_dir=str(out), depth=2, epochs=1, warmup_epochs=0, batch_size=16,
                                      micro_batch_size=micro, max_steps=2, grad_clip=0.0, dtm=False, lr=20.0,
-                                     workers=0, device="cpu"))
+                                     workers=0, device="cpu", **RANDOM_TEACHER))
         weights[micro] = common.load_checkpoint(str(out / "ckpt.pt"))["model"]
     init = pretrain_init_weights(pretrain)
     moved = 0
@@ -81,7 +92,7 @@ def test_gradient_accumulation_equals_one_big_batch(demo_root, tmp_path, monkeyp
 def pretrain_init_weights(pretrain):
     """The student's weights before any step, as main makes them (same seed, same teacher, same order)."""
     from conftest import stage_settings
-    cfg = stage_settings(pretrain, "config/pretrain_demo.py", depth=2)
+    cfg = stage_settings(pretrain, "config/pretrain_demo.py", depth=2, **RANDOM_TEACHER)
     common.seed_everything(cfg.seed)
     teacher = pretrain.build_teacher(cfg.teacher, cfg.teacher_pretrained, cfg.teacher_overrides, torch.device("cpu"))
     args = pretrain.model_args(cfg.model, teacher.out_dim, cfg.img_size, cfg.patch_size, cfg.depth)
@@ -189,7 +200,7 @@ def test_a_finished_run_says_so_and_trains_nothing(pretrain_ckpt, demo_root, tmp
     before = digest_of(os.path.join(done, "ckpt.pt"))
     cfg = stage_settings(pretrain, "config/pretrain_demo.py", demo_data="", data_dir=f"{demo_root}/train",
                          out_dir=done, depth=2, epochs=2, warmup_epochs=1, batch_size=16,
-                         micro_batch_size=16, workers=0, max_steps=2, device="cpu")
+                         micro_batch_size=16, workers=0, max_steps=2, device="cpu", **RANDOM_TEACHER)
     pretrain.main(cfg)  # as the conftest run that wrote it (tiny_pretrain_args, --max_steps=2)
     out = capsys.readouterr().out
     assert "at step 2" in out and "finished: nothing to train" in out
@@ -321,7 +332,7 @@ def test_sigterm_mid_epoch_then_rerun_gives_bit_identical_weights(demo_root, tmp
     def settings(out):
         return stage_settings(pretrain, "config/pretrain_demo.py", demo_data="", data_dir=f"{demo_root}/train",
                               out_dir=str(out), depth=2, epochs=1, warmup_epochs=1, batch_size=16,
-                              micro_batch_size=8, workers=workers, drop_path=0.1, device="cpu")
+                              micro_batch_size=8, workers=workers, drop_path=0.1, device="cpu", **RANDOM_TEACHER)
     pretrain.main(settings(tmp_path / "whole"))
     code = stopped_run_exit_code(monkeypatch, 3, lambda: pretrain.main(settings(tmp_path / "split")))
     assert code == 130 and common.load_checkpoint(str(tmp_path / "split" / "ckpt.pt"))["step"] == 3
