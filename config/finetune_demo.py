@@ -1,5 +1,5 @@
 # Offline demo: fine-tune the demo pre-training checkpoint on the generated 64-px shapes dataset (10 classes).
-# Run the pre-training demo first (python eval_transfer.py config/teacher_demo.py, then
+# Run the pre-training demo first (python eval_transfer.py config/transfer_demo_teacher.py, then
 # python pretrain.py config/pretrain_demo.py), then
 #   python finetune.py config/finetune_demo.py
 # The ImageNet recipe (finetune.py's defaults: MixUp, CutMix, label smoothing, erasing, layer decay, drop

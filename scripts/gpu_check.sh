@@ -64,7 +64,7 @@ run 260 "cuda tests" $PY -m pytest -q -m cuda tests -p no:cacheprovider -rs
 
 stage "2/4 the demo's teacher (one epoch), then 30 steps of the demo pre-training on CUDA"
 TMP=$(mktemp -d)
-run 25 "demo teacher" $PY eval_transfer.py config/teacher_demo.py --device=cuda --epochs=1 \
+run 25 "demo teacher" $PY eval_transfer.py config/transfer_demo_teacher.py --device=cuda --epochs=1 \
   --demo_data="$TMP/demo" --out_dir="$TMP/teacher"
 run 40 "demo pre-training" $PY pretrain.py config/pretrain_demo.py --device=cuda --max_steps=30 \
   --demo_data="$TMP/demo" --data_dir="$TMP/demo/train" --out_dir="$TMP/pretrain" --log_interval=5 \

@@ -1,12 +1,12 @@
 # Offline demo, step 1: the teacher that the pre-training demo distils. A one-block tiny ViT trained here from
 # scratch, supervised, on the background textures of the generated 64-px demo images (demo_coarse, 4 classes);
 # about two CPU minutes. Then python pretrain.py config/pretrain_demo.py distils it.
-#   python eval_transfer.py config/teacher_demo.py       # writes out/teacher_demo/demo_coarse/ckpt.pt
+#   python eval_transfer.py config/transfer_demo_teacher.py       # writes out/demo_teacher/demo_coarse/ckpt.pt
 # A teacher must know something for its student to learn it: distilling a randomly initialised one teaches
 # each patch's mean colour, and that checkpoint transfers worse than random init (docs/benchmarks.md).
 init_from = ""  # from scratch
 datasets = "demo_coarse"
-out_dir = "out/teacher_demo"
+out_dir = "out/demo_teacher"
 # finetune.py settings: the demo's patch grid (the teacher gives one target per student token)
 model = "tiny"
 depth = 1
