@@ -261,7 +261,7 @@ def check_teacher_file(teacher: str):
     if looks_like_path and not os.path.isfile(teacher):
         raise SystemExit(f"teacher={teacher!r} does not exist: train it first (a checkpoint of finetune.py, "
                          f"eval_transfer.py or pretrain.py), or name an open_clip model. The offline demo's "
-                         f"teacher is written by: python eval_transfer.py config/teacher_demo.py")
+                         f"teacher is written by: python eval_transfer.py config/transfer_demo_teacher.py")
 
 
 def build_teacher(teacher: str, pretrained: str, overrides: dict, device: torch.device) -> torch.nn.Module:

@@ -1,5 +1,6 @@
 # Offline demo: fine-tune the demo pre-training checkpoint on the generated 64-px shapes dataset (10 classes).
-# Run the pre-training demo first (python pretrain.py config/pretrain_demo.py), then
+# Run the pre-training demo first (python eval_transfer.py config/transfer_demo_teacher.py, then
+# python pretrain.py config/pretrain_demo.py), then
 #   python finetune.py config/finetune_demo.py
 # The ImageNet recipe (finetune.py's defaults: MixUp, CutMix, label smoothing, erasing, layer decay, drop
 # path) except what a 600-image, 64-px set and a few CPU minutes need: the demo model, small batches, few

@@ -1,7 +1,7 @@
 # Offline demo, step 2: DTM pre-training of a tiny ViT on the generated 64-px shapes dataset, distilling the
 # small teacher of step 1 (a 2-block ViT that learned the background textures). No download; a few minutes on
 # 2 CPU cores.
-#   python eval_transfer.py config/teacher_demo.py       # step 1, once: the teacher
+#   python eval_transfer.py config/transfer_demo_teacher.py       # step 1, once: the teacher
 #   python pretrain.py config/pretrain_demo.py
 out_dir = "out/pretrain_demo"
 demo_data = "data/demo"
@@ -10,7 +10,7 @@ model = "tiny"
 depth = 6
 img_size = 64
 patch_size = 8  # 8x8 = 64 tokens
-teacher = "out/teacher_demo/demo_coarse/ckpt.pt"  # step 1's checkpoint; its 192-d normed patch tokens are the targets
+teacher = "out/demo_teacher/demo_coarse/ckpt.pt"  # step 1's checkpoint; its 192-d normed patch tokens are the targets
 num_masked = 26  # 40% of 64
 min_block = 4
 n_max = 64

@@ -1,6 +1,7 @@
 # Offline transfer demo: fine-tune the demo pre-training checkpoint on two labellings of the generated 64-px
 # demo images (demo_coarse: background texture, 4 classes; demo_fine: shape and texture, 40 classes), then
-# print the results table. Run the pre-training demo first (python pretrain.py config/pretrain_demo.py), then
+# print the results table. Run the pre-training demo first (python eval_transfer.py
+# config/transfer_demo_teacher.py, then python pretrain.py config/pretrain_demo.py), then
 #   python eval_transfer.py config/transfer_demo.py
 # Both demo datasets have no recipe file: the finetune.py settings below apply to both.
 init_from = "out/pretrain_demo/ckpt.pt"

@@ -2,7 +2,7 @@
 # The GPU check, for a lent GPU machine: in under 9 minutes on one H100 it runs
 #   1. the test suite's CUDA-marked tests (bf16 autocast, torch.compile of the student and of dtm_loss,
 #      fused AdamW, dtm_loss without host synchronisation; the segmentation test alone takes 97 s on an H100);
-#   2. 30 steps of the offline demo pre-training on CUDA;
+#   2. the offline demo's teacher (one epoch) and 30 steps of the demo pre-training distilling it, on CUDA;
 #   3. bench.py at ViT-B/16 (batch 128, bf16 autocast, compiled) with a randomly initialised ViT-B/16 CLIP
 #      teacher: step time, images/s, peak memory, MFU, DTM overhead, dtm_loss vs the dense formulation,
 #      the compile time and graph count of torch.compile(dtm_loss, fullgraph=True);
@@ -62,10 +62,13 @@ fi
 stage "1/4 CUDA-marked tests"
 run 260 "cuda tests" $PY -m pytest -q -m cuda tests -p no:cacheprovider -rs
 
-stage "2/4 30 steps of the demo pre-training on CUDA"
+stage "2/4 the demo's teacher (one epoch), then 30 steps of the demo pre-training on CUDA"
 TMP=$(mktemp -d)
-run 65 "demo pre-training" $PY pretrain.py config/pretrain_demo.py --device=cuda --max_steps=30 \
-  --demo_data="$TMP/demo" --data_dir="$TMP/demo/train" --out_dir="$TMP/pretrain" --log_interval=5
+run 25 "demo teacher" $PY eval_transfer.py config/transfer_demo_teacher.py --device=cuda --epochs=1 \
+  --demo_data="$TMP/demo" --out_dir="$TMP/teacher"
+run 40 "demo pre-training" $PY pretrain.py config/pretrain_demo.py --device=cuda --max_steps=30 \
+  --demo_data="$TMP/demo" --data_dir="$TMP/demo/train" --out_dir="$TMP/pretrain" --log_interval=5 \
+  --teacher="$TMP/teacher/demo_coarse/ckpt.pt"
 [ -f "$TMP/pretrain/log.jsonl" ] && { echo "log.jsonl (one line per epoch):"; cat "$TMP/pretrain/log.jsonl"; }
 
 stage "3/4 bench.py: ViT-B/16 student, random ViT-B/16 CLIP teacher, 224 px, batch 128, bf16, compiled"

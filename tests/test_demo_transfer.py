@@ -40,7 +40,7 @@ def test_the_demo_checkpoint_transfers_to_textures_better_than_random_init(tmp_p
     torch.set_num_threads(2)  # fixed, as the subprocess tests' OMP_NUM_THREADS: the same numbers every run
     try:
         small = dict(device="cpu", workers=0)
-        run_demo_stage("eval_transfer", "teacher_demo.py", epochs=12, **small)  # ~90% val top-1
+        run_demo_stage("eval_transfer", "transfer_demo_teacher.py", epochs=12, **small)  # ~90% val top-1
         run_demo_stage("pretrain", "pretrain_demo.py", depth=2, epochs=3, batch_size=16, micro_batch_size=16,
                        **small)
         finetune = dict(datasets="demo_coarse", depth=2, epochs=2, **small)

@@ -44,8 +44,8 @@ def test_the_demo_config_without_its_teacher_names_the_command_that_trains_it(de
                        f"--demo_data={demo_root}", f"--data_dir={demo_root}/train", "--workers=0"], cwd=tmp_path,
                       check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "teacher='out/teacher_demo/demo_coarse/ckpt.pt' does not exist" in proc.stderr
-    assert "python eval_transfer.py config/teacher_demo.py" in proc.stderr
+    assert "teacher='out/demo_teacher/demo_coarse/ckpt.pt' does not exist" in proc.stderr
+    assert "python eval_transfer.py config/transfer_demo_teacher.py" in proc.stderr
     assert os.listdir(tmp_path) == []
 
 

@@ -1,12 +1,12 @@
 # Offline demo, step 1: the teacher that the pre-training demo distils. A one-block tiny ViT trained here from
 # scratch, supervised, on the background textures of the generated 64-px demo images (demo_coarse, 4 classes);
-# about a CPU minute. Then python pretrain.py config/pretrain_demo.py distils it.
-#   python eval_transfer.py config/teacher_demo.py       # writes out/teacher_demo/demo_coarse/ckpt.pt
+# about two CPU minutes. Then python pretrain.py config/pretrain_demo.py distils it.
+#   python eval_transfer.py config/transfer_demo_teacher.py       # writes out/demo_teacher/demo_coarse/ckpt.pt
 # A teacher must know something for its student to learn it: distilling a randomly initialised one teaches
 # each patch's mean colour, and that checkpoint transfers worse than random init (docs/benchmarks.md).
 init_from = ""  # from scratch
 datasets = "demo_coarse"
-out_dir = "out/teacher_demo"
+out_dir = "out/demo_teacher"
 # finetune.py settings: the demo's patch grid (the teacher gives one target per student token)
 model = "tiny"
 depth = 1
@@ -16,9 +16,9 @@ epochs = 16
 warmup_epochs = 1
 batch_size = 16
 micro_batch_size = 16
-lr = 0.0192  # at batch 1024, i.e. 3e-4 at batch 16: from scratch, 1e-3 stalls for many epochs at chance
+lr = 0.0192  # at batch 1024, i.e. 3e-4 at batch 16: from scratch, 1e-3 often stays at chance throughout
 layer_decay = 1.0  # from scratch: every block learns at the full rate
-layer_scale = 1.0  # the residual branch at full weight from the start: leaves the plateau at chance sooner
+layer_scale = 1.0  # the block's branches at full weight from the start: it leaves chance level sooner
 drop_path = 0.0
 crop_scale = (0.5, 1.0)  # its student sees crops of 20-100% at 64 px: the teacher must know rescaled textures
 randaug_ops = 0
