@@ -563,9 +563,8 @@ def wandb_run_id(out_dir: str) -> str:
 class Metrics:
     """A run's numbers: each record goes to out_dir/log.jsonl and, where the settings ask (cfg.wandb_log,
     cfg.tensorboard), to Weights & Biases (one run per out_dir, resumed with it) and TensorBoard (out_dir/tb),
-    on rank 0 only. close() draws the
-    curves of log.jsonl into out_dir/curves.png (plot.py). wandb and tensorboard are optional and imported
-    only when asked for."""
+    on rank 0 only. close() draws the curves of log.jsonl into out_dir/curves.png (plot.py). wandb and
+    tensorboard are optional and imported only when asked for."""
 
     def __init__(self, out_dir: str, cfg, is_main: bool = True):
         self.out_dir, self.is_main, self.wandb, self.tensorboard = out_dir, is_main, None, None
