@@ -4,7 +4,10 @@ A frozen teacher gives one target token per patch; the student predicts one toke
 token by token is noisy, because neighbouring targets disagree where they should agree. DTM first *morphs*
 both sides: a few rounds of bipartite matching on the teacher tokens merge similar tokens into groups, then
 every token (teacher and student alike) is replaced by the mean of its group. The number of merged tokens and
-of rounds is drawn anew every step (`sample_schedule`), and the loss is averaged over L such schedules.
+of rounds is drawn anew every step (`sample_schedule`), and the loss is averaged over L such schedules:
+
+    groups = morph_groups(target, schedules)                          # match on the teacher: [L, B, N]
+    loss = token_loss(morph(pred, groups), morph(target, groups))     # morph both sides, compare every token
 
 No shape depends on the schedule, so `torch.compile(dtm_loss, fullgraph=True)` builds one graph that every
 schedule reuses: a schedule is a tensor of merges per round, padded with rounds that merge nothing; the L
@@ -38,8 +41,12 @@ def schedule_tensor(schedules: list[list[int]], device=None) -> torch.LongTensor
     return (rows.pin_memory() if torch.device(device or "cpu").type == "cuda" else rows).to(device, non_blocking=True)
 
 
-def _wide(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 when the input is wider
+def at_least_fp32(*tensors: torch.Tensor) -> torch.dtype:
+    """fp32, or fp64 when an input is wider: matching and morphing never run in half precision."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 @torch.no_grad()
@@ -55,7 +62,7 @@ def morph_groups(tokens: torch.Tensor, schedules: torch.LongTensor) -> torch.Lon
     B, N, _ = tokens.shape
     L, K = schedules.shape
     with torch.autocast(tokens.device.type, enabled=False):
-        x = tokens.detach().to(_wide(tokens))
+        x = tokens.detach().to(at_least_fp32(tokens))
         gram = (x @ x.mT).repeat(L, 1, 1)  # [L*B, N, N], rows and columns in sequence order
     merges = schedules.repeat_interleave(B, dim=0)  # [L*B, K]
     length = torch.full((L * B,), N, device=tokens.device)
@@ -68,58 +75,56 @@ def morph_groups(tokens: torch.Tensor, schedules: torch.LongTensor) -> torch.Lon
 @torch.compiler.nested_compile_region  # torch.compile compiles one round and runs it K times
 def matching_round(gram: torch.Tensor, length: torch.Tensor, group: torch.Tensor, r: torch.Tensor):
     """One round on R rows at once: the groups' Gram matrix [R, N, N] in sequence order, sequence lengths [R],
-    every token's group position [R, N] and the merges [R] in; the three after the round out. Positions
-    from the length on are empty slots: masked, and left in place, out of the live positions' way."""
+    every token's group position [R, N] and the merges [R] in; the three after the round out.
+
+    Positions from `length` on are empty slots: their rows and columns of the Gram matrix are zero, no token's
+    group is there, the matching masks them, and they map to themselves, out of the live positions' way."""
     R, N, _ = gram.shape
     pos = torch.arange(N, device=gram.device)
     live = pos < length[:, None]
     r = torch.minimum(r, length // 2)  # a round cannot merge more tokens than B has
-    norm = gram.diagonal(dim1=1, dim2=2).clamp(min=0).sqrt().clamp(min=1e-12)  # as F.normalize
-    # cos(a, b) |a|, [R, |A|, |B|]: which b is a's most similar does not depend on |a|; divide once chosen.
-    cos = gram[:, 0::2, 1::2] / norm[:, None, 1::2]
+    norm = gram.diagonal(dim1=1, dim2=2).clamp(min=0).sqrt().clamp(min=1e-12)  # |group sum|, as F.normalize
+    # The cosine similarity of every A token (even positions) to every B token (odd positions).
+    cos = gram[:, 0::2, 1::2] / (norm[:, 0::2, None] * norm[:, None, 1::2])
     best, partner = cos.masked_fill_(~live[:, None, 1::2], -math.inf).max(dim=-1)  # ties: the first B
-    best = (best / norm[:, 0::2]).masked_fill_(~live[:, 0::2], -math.inf)
-    by_score = best.argsort(dim=-1, descending=True, stable=True)
-    merged = by_score.argsort(dim=-1) < r[:, None]  # the r best-scoring A tokens (ties: the first)
+    best = best.masked_fill_(~live[:, 0::2], -math.inf)
+    rank = best.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # 0: the best score; ties: the first
+    merged = rank < r[:, None]  # the r best-scoring A tokens merge into their partners
     # Where each position lands in the next sequence: the unmerged A tokens in order, then the B tokens in
-    # order; a merged A token lands on its partner. Empty slots stay where they are.
+    # order; a merged A token lands on its partner. A round of 0 changes nothing, not even the order (as ToMe
+    # returns early): reordering would change which tokens form A and B in the next round.
     kept = live[:, 0::2] & ~merged
     n_kept = kept.sum(dim=-1, keepdim=True)
     new_pos = torch.empty_like(group)
     new_pos[:, 0::2] = torch.where(merged, n_kept + partner, kept.cumsum(dim=-1) - 1)
     new_pos[:, 1::2] = n_kept + pos[:N // 2]
-    new_pos = torch.where(live & (r[:, None] > 0), new_pos, pos)  # a round of 0 merges changes nothing
-    # Merging groups adds their rows, then their columns: entry (p, q) moves to (new_pos[p], new_pos[q]).
+    new_pos = torch.where(live & (r[:, None] > 0), new_pos, pos)
+    # With P the 0/1 matrix of the move (P[new_pos[q], q] = 1), the merged groups' Gram matrix is P G P^T:
+    # rows of G added into their new positions, then columns, as two scatter-adds.
     rows = torch.zeros_like(gram).scatter_add_(1, new_pos[:, :, None].expand(R, N, N), gram)
     gram = torch.zeros_like(gram).scatter_add_(2, new_pos[:, None, :].expand(R, N, N), rows)
     return gram, length - r, new_pos.gather(1, group)
 
 
-def group_sums(x: torch.Tensor, groups: torch.LongTensor):
-    """Sums [..., N, C] and sizes [..., N] of the groups of x [..., N, C] (slot g holds group g)."""
-    index = groups[..., None].expand(*groups.shape, x.shape[-1])
-    sums = x.new_zeros(index.shape).scatter_add(-2, index, x.expand(index.shape))
-    return sums, x.new_zeros(groups.shape).scatter_add(-1, groups, x.new_ones(()).expand(groups.shape))
-
-
 def morph(x: torch.Tensor, groups: torch.LongTensor) -> torch.Tensor:
-    """Replace every token of `x` [B, N, C] by the mean of its group's tokens (differentiable in x)."""
+    """Replace every token of `x` [B, N, C] by the mean of its group's tokens, for the groups [..., B, N] of
+    one or more schedules: [..., B, N, C] (differentiable in x; at least fp32, autocast or not)."""
     with torch.autocast(x.device.type, enabled=False):
-        sums, sizes = group_sums(x.to(_wide(x)), groups)
-        return (sums / sizes.clamp(min=1)[..., None]).gather(-2, groups[..., None].expand(sums.shape))
+        x = x.to(at_least_fp32(x))
+        index = groups[..., None].expand(*groups.shape, x.shape[-1])
+        sums = x.new_zeros(index.shape).scatter_add(-2, index, x.expand(index.shape))  # slot g: group g's sum
+        sizes = x.new_zeros(groups.shape).scatter_add(-1, groups, x.new_ones(()).expand(groups.shape))
+        return (sums / sizes.clamp(min=1)[..., None]).gather(-2, index)
 
 
-def token_loss(pred: torch.Tensor, target: torch.Tensor, loss: str = "smooth_l1", beta: float = 2.0,
-               reduction: str = "mean"):
-    """Mean per-element loss over all tokens and channels (cosine: mean over tokens of 1 - cos).
-    reduction="none": the loss of every element (cosine: of every token)."""
+def token_loss(pred: torch.Tensor, target: torch.Tensor, loss: str = "smooth_l1", beta: float = 2.0):
+    """The mean loss over all tokens and channels (cosine: the mean over tokens of 1 - cos)."""
     if loss == "smooth_l1":
-        return F.smooth_l1_loss(pred, target, beta=beta, reduction=reduction)
+        return F.smooth_l1_loss(pred, target, beta=beta)
     if loss == "l2":
-        return F.mse_loss(pred, target, reduction=reduction)
+        return F.mse_loss(pred, target)
     if loss == "cosine":
-        cos = F.cosine_similarity(pred, target, dim=-1)
-        return 1 - cos.mean() if reduction == "mean" else 1 - cos
+        return 1 - F.cosine_similarity(pred, target, dim=-1).mean()
     raise ValueError(f"loss={loss!r} is not one of 'smooth_l1', 'l2', 'cosine'")
 
 
@@ -127,21 +132,13 @@ def dtm_loss(pred: torch.Tensor, target: torch.Tensor, schedules: torch.LongTens
              loss: str = "smooth_l1", beta: float = 2.0) -> torch.Tensor:
     """The DTM loss: for each of the `schedules` [L, K] (schedule_tensor), morph `pred` and `target` [B, N, C]
     with the groups found on the target, compare them over every patch (visible and masked), then average
-    over the schedules. No schedules (L or K = 0), or rounds of 0 merges, give token-wise distillation.
-
-    Every member of a group has the same morphed tokens, hence the same loss: it is computed once per group
-    and weighted by the group size. The smooth-L1 and L2 losses depend on pred - target only, and morphing
-    is linear, so they morph the difference once instead of both sides."""
+    over the schedules. No schedules (L or K = 0), or rounds of 0 merges, give token-wise distillation."""
     with torch.autocast(pred.device.type, enabled=False):
-        dtype = torch.promote_types(_wide(pred), target.dtype)
-        p, t = pred.to(dtype), target.detach().to(dtype)  # the teacher is frozen: no gradient
+        dtype = at_least_fp32(pred, target)
+        pred, target = pred.to(dtype), target.detach().to(dtype)  # the teacher is frozen: no gradient
         if schedules.numel() == 0:
-            return token_loss(p, t, loss, beta)
-        groups = morph_groups(target, schedules)  # [L, B, N]
-        sums, sizes = group_sums(torch.cat([p, t], dim=-1) if loss == "cosine" else p - t, groups)
-        means = sums / sizes.clamp(min=1)[..., None]  # empty slots: size 0, mean 0
-        if loss == "cosine":
-            per_group = token_loss(means[..., :p.shape[-1]], means[..., p.shape[-1]:], loss, reduction="none")
-        else:  # the loss of the morphed difference against zero, averaged over channels
-            per_group = token_loss(means, torch.zeros_like(means), loss, beta, "none").mean(dim=-1)
-        return (per_group * sizes).sum() / groups.numel()  # the mean over every token of every schedule
+            return token_loss(pred, target, loss, beta)
+        groups = morph_groups(target, schedules)  # [L, B, N]: matched on the teacher's tokens
+        # Both sides morphed with the same groups, [L, B, N, C]; every schedule has as many elements, so the
+        # mean over all of them is the mean over the schedules of each schedule's mean.
+        return token_loss(morph(pred, groups), morph(target, groups), loss, beta)
