@@ -22,11 +22,14 @@ import ast
 import json
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
 import time
 
+import common
+import plot
 from configurator import configure
 
 # ------------------------------------------------------------------------------------------------- settings
@@ -97,41 +100,41 @@ def first_per_class(root: str, out: str, per_split: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- stages
-def stage_settings(data: str) -> list[tuple[str, str, dict]]:
+def stage_settings(cfg, data: str) -> list[tuple[str, str, dict]]:
     """Every stage in order: (folder under out_dir, script, settings)."""
-    tokens = (img_size // patch_size) ** 2
-    shape = dict(model=model, depth=depth, img_size=img_size, patch_size=patch_size)
-    system = dict(batch_size=batch_size, micro_batch_size=batch_size, workers=workers, device=device)
+    tokens = (cfg.img_size // cfg.patch_size) ** 2
+    shape = dict(model=cfg.model, depth=cfg.depth, img_size=cfg.img_size, patch_size=cfg.patch_size)
+    system = dict(batch_size=cfg.batch_size, micro_batch_size=cfg.batch_size, workers=cfg.workers, device=cfg.device)
     # Supervised from scratch and fine-tuning: a short schedule wants light augmentation (crops, flips,
     # label smoothing) and no RandAugment, MixUp, CutMix or erasing; crop_pct=1: evaluate the whole image.
     supervised = dict(data_dir=data, val_split="test", warmup_epochs=1, lr=4e-3, drop_path=0.1,
                       crop_scale=(0.5, 1.0), crop_pct=1.0, randaug_ops=0, mixup=0.0, cutmix=0.0, erase_prob=0.0,
                       smoothing=0.1, **shape, **system)
+    out_dir = cfg.out_dir
     teacher_ckpt = os.path.join(out_dir, "teacher", "ckpt.pt")
     stages = [("teacher", "finetune.py", dict(supervised, out_dir=os.path.join(out_dir, "teacher"), init_from="",
-                                              epochs=teacher_epochs, layer_decay=1.0, seed=0) | teacher_args)]
-    for method in methods:
-        for seed in seeds:
+                                              epochs=cfg.teacher_epochs, layer_decay=1.0, seed=0) | cfg.teacher_args)]
+    for method in cfg.methods:
+        for seed in cfg.seeds:
             run = f"{method}_seed{seed}"
             student = os.path.join(out_dir, run, "pretrain", "ckpt.pt")
             stages.append((f"{run}/pretrain", "pretrain.py", dict(
                 data_dir=os.path.join(data, "train"), out_dir=os.path.dirname(student), teacher=teacher_ckpt,
-                dtm=method == "dtm", epochs=pretrain_epochs, warmup_epochs=1, lr=3e-3,
+                dtm=method == "dtm", epochs=cfg.pretrain_epochs, warmup_epochs=1, lr=3e-3,
                 num_masked=round(tokens * 75 / 196), min_block=4, n_max=tokens, k_max=8,  # the official 75 of 196
-                seed=seed, **shape, **system) | pretrain_args))
+                seed=seed, **shape, **system) | cfg.pretrain_args))
             stages.append((f"{run}/linear_probe", "finetune.py", dict(
                 data_dir=data, val_split="test", out_dir=os.path.join(out_dir, run, "linear_probe"),
-                init_from=student, linear_probe=True, probe_epochs=probe_epochs, probe_warmup_epochs=1,
-                probe_lr=0.1, crop_scale=(0.5, 1.0), crop_pct=1.0, seed=seed, **shape, **system) | probe_args))
+                init_from=student, linear_probe=True, probe_epochs=cfg.probe_epochs, probe_warmup_epochs=1,
+                probe_lr=0.1, crop_scale=(0.5, 1.0), crop_pct=1.0, seed=seed, **shape, **system) | cfg.probe_args))
             stages.append((f"{run}/finetune", "finetune.py", dict(
                 supervised, out_dir=os.path.join(out_dir, run, "finetune"), init_from=student,
-                epochs=finetune_epochs, layer_decay=0.75, seed=seed) | finetune_args))
+                epochs=cfg.finetune_epochs, layer_decay=0.75, seed=seed) | cfg.finetune_args))
     return stages
 
 
 def read_log(folder: str) -> list[dict]:
-    with open(os.path.join(folder, "log.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return plot.read_log(os.path.join(folder, "log.jsonl"))
 
 
 def as_text(value) -> str:
@@ -146,7 +149,8 @@ def as_text(value) -> str:
 
 def run_stage(index: int, total: int, name: str, script: str, settings: dict) -> dict:
     """Run one stage in a subprocess unless its done.json says it finished with the same settings; return
-    done.json's record. A stage that failed or was interrupted is run again and resumes from its ckpt.pt."""
+    done.json's record. A stage that failed or was interrupted is run again and resumes from its ckpt.pt.
+    Ctrl-C or SIGTERM stops the stage the way it stops itself (a checkpoint), then this script, with no traceback."""
     folder = settings["out_dir"]
     done_path = os.path.join(folder, "done.json")
     command = [sys.executable, os.path.join(ROOT, script), *(f"--{k}={as_text(v)}" for k, v in settings.items())]
@@ -158,27 +162,41 @@ def run_stage(index: int, total: int, name: str, script: str, settings: dict) ->
             changed = sorted(k for k in set(compared) | set(done["settings"])
                              if done["settings"].get(k) != compared.get(k))
             raise SystemExit(f"{folder} finished with other settings ({', '.join(changed)} differ); choose a new "
-                             f"out_dir for new settings (nothing was changed in {out_dir})")
+                             f"out_dir for new settings (nothing was changed in it)")
         print(f"[{index}/{total}] {name}: done, skipped", flush=True)
         return done
     print(f"\n[{index}/{total}] {name}:\n  {shlex.join(command)}", flush=True)
     start = time.time()
-    proc = subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if proc.returncode != 0:
-        raise SystemExit(f"stage {name} failed (exit code {proc.returncode}; its output is above). Rerun the same "
+    returncode = run_to_the_end(command)
+    if returncode == 130:
+        raise SystemExit(f"stopped: stage {name} saved its checkpoint; run the same command to resume "
+                         f"(finished stages are skipped)")
+    if returncode != 0:
+        raise SystemExit(f"stage {name} failed (exit code {returncode}; its output is above). Rerun the same "
                          f"command to resume: finished stages are skipped")
     last = read_log(folder)[-1]
     done = {"settings": compared, "command": shlex.join(command), "seconds": round(time.time() - start, 1),
             "top1": last.get("val_top1"), "loss": last.get("loss", last.get("train_loss")),
             "epochs": last["epoch"] + 1}
-    with open(done_path + ".tmp", "w") as f:
-        json.dump(done, f, indent=1)
-    os.replace(done_path + ".tmp", done_path)
+    common.atomic_write(done_path, lambda f: f.write(json.dumps(done, indent=1).encode()))
     return done
 
 
+def run_to_the_end(command: list[str]) -> int:
+    """Run a stage script and return its exit code. SIGTERM or Ctrl-C here is passed on to it as SIGTERM (Ctrl-C
+    reaches it from the terminal too), and it is waited for while it saves its checkpoint."""
+    child = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    stop = lambda *_: child.send_signal(signal.SIGTERM)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 # -------------------------------------------------------------------------------------------------- report
-def summarize(results: dict) -> dict:
+def summarize(results: dict, methods: list, seeds: list) -> dict:
     """{method: {eval: {mean, std, min, max, n, by_seed}}}; std is the sample standard deviation (n - 1)."""
     summary = {}
     for method in methods:
@@ -191,7 +209,7 @@ def summarize(results: dict) -> dict:
     return summary
 
 
-def markdown(summary: dict, teacher: dict, minutes: float) -> str:
+def markdown(summary: dict, teacher: dict, minutes: float, seeds: list) -> str:
     """The table: mean ± std per method and evaluation, then every seed's value."""
     head = ["method", *(f"{ev.replace('_', ' ')} top-1 (%)" for ev in EVALS)]
     rows = [head, ["---"] * len(head)]
@@ -211,11 +229,10 @@ def markdown(summary: dict, teacher: dict, minutes: float) -> str:
         *lines, "", *per_seed, ""])
 
 
-def draw_curves(stage_names: list[str], path: str):
+def draw_curves(stage_names: list[str], methods: list, out_dir: str):
     """Teacher accuracy, pre-training loss, probe and fine-tuning accuracy of every run, one colour per method.
     The two methods' losses are different quantities (DTM's compares morphed tokens), so only each curve's
     shape compares across methods."""
-    import plot
     colours = {"teacher": plot.COLOURS[2], **{m: plot.COLOURS[i % 2] for i, m in enumerate(methods)}}
     panels = {"teacher: test top-1": [], "pre-training loss": [], "linear probe: test top-1": [],
               "fine-tuning: test top-1": []}
@@ -225,53 +242,51 @@ def draw_curves(stage_names: list[str], path: str):
                       "linear_probe": ("linear probe: test top-1", "val_top1"),
                       "finetune": ("fine-tuning: test top-1", "val_top1")}[stage]
         panels[title].append((method, colours[method], *plot.curve(read_log(os.path.join(out_dir, name)), key)))
-    plot.draw(list(panels.items()), columns=2).save(path)
+    plot.draw(list(panels.items()), columns=2).save(os.path.join(out_dir, "curves.png"))
 
 
-def draw_morph(teacher: str, images: str):
+def draw_morph(cfg, teacher: str, images: str):
     """morph.png: the teacher's token groups on the first test image of four classes (once)."""
-    path = os.path.join(out_dir, "morph.png")
+    path = os.path.join(cfg.out_dir, "morph.png")
     if os.path.isfile(path):
         return
-    tokens = (img_size // patch_size) ** 2
+    tokens = (cfg.img_size // cfg.patch_size) ** 2
     command = [sys.executable, os.path.join(ROOT, "show_morph.py"), f"--teacher={as_text(teacher)}",
                f"--image={as_text(images)}", f"--tokens={tuple(max(1, tokens // 2 ** i) for i in (1, 2, 3, 4))}",
                "--display_size=128", f"--out={as_text(path)}"]
     print(f"\nthe teacher's token groups:\n  {shlex.join(command)}", flush=True)
-    if subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode != 0:
+    if run_to_the_end(command) != 0:
         raise SystemExit("show_morph.py failed (its output is above); the table and curves are written")
 
 
-def main(config: dict):
-    for key, value in (("seeds", seeds), ("methods", methods)):
-        if not value:
+def main(cfg):
+    for key in ("seeds", "methods"):
+        if not getattr(cfg, key):
             raise SystemExit(f"{key} is empty: give at least one")
-    unknown = sorted(set(methods) - {"dtm", "tokenwise"})
+    unknown = sorted(set(cfg.methods) - {"dtm", "tokenwise"})
     if unknown:
         raise SystemExit(f"methods: {unknown} unknown; the methods are 'dtm' and 'tokenwise'")
     try:
-        data = cifar10_folder(data_dir)
+        data = cifar10_folder(cfg.data_dir)
     except Exception as e:  # offline without the folder: say where the data should be
-        raise SystemExit(f"data_dir={data_dir!r} has no train/ and test/ folders and torchvision could not "
+        raise SystemExit(f"data_dir={cfg.data_dir!r} has no train/ and test/ folders and torchvision could not "
                          f"download CIFAR-10 into it ({e}); put the ImageFolder layout there") from None
-    if train_per_class or test_per_class:
-        data = first_per_class(data, os.path.join(out_dir, "data"), {"train": train_per_class,
-                                                                      "test": test_per_class})
-    stages = stage_settings(data)
+    if cfg.train_per_class or cfg.test_per_class:
+        data = first_per_class(data, os.path.join(cfg.out_dir, "data"), {"train": cfg.train_per_class,
+                                                                          "test": cfg.test_per_class})
+    stages = stage_settings(cfg, data)
     results = {name: run_stage(i, len(stages), name, script, settings)
                for i, (name, script, settings) in enumerate(stages, start=1)}
-    summary = summarize(results)
+    summary = summarize(results, cfg.methods, cfg.seeds)
     minutes = sum(r["seconds"] for r in results.values()) / 60  # the stages' own time, over all invocations
-    report = {"summary": summary, "teacher": results["teacher"], "stages": results, "settings": config,
+    report = {"summary": summary, "teacher": results["teacher"], "stages": results, "settings": vars(cfg),
               "stage_minutes": round(minutes, 2)}
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    table = markdown(summary, results["teacher"], minutes)
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(table)
-    draw_curves(list(results), os.path.join(out_dir, "curves.png"))
-    draw_morph(os.path.join(out_dir, "teacher", "ckpt.pt"), os.path.join(data, "test"))
-    print(f"\n{table}\nwrote {out_dir}/results.md, results.json, curves.png and morph.png")
+    common.atomic_write(os.path.join(cfg.out_dir, "results.json"), lambda f: f.write(json.dumps(report, indent=1).encode()))
+    table = markdown(summary, results["teacher"], minutes, cfg.seeds)
+    common.atomic_write(os.path.join(cfg.out_dir, "results.md"), lambda f: f.write(table.encode()))
+    draw_curves(list(results), cfg.methods, cfg.out_dir)
+    draw_morph(cfg, os.path.join(cfg.out_dir, "teacher", "ckpt.pt"), os.path.join(data, "test"))
+    print(f"\n{table}\nwrote {cfg.out_dir}/results.md, results.json, curves.png and morph.png")
 
 
 if __name__ == "__main__":

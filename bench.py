@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 
 import common
-import pretrain
+import data
 from configurator import at_least, configure
-from model import SIZES, VisionTransformer
-from morph import _wide, dtm_loss, sample_schedule, schedule_tensor
+from model import SIZES, VisionTransformer, vit
+from morph import at_least_fp32, dtm_loss, sample_schedule, schedule_tensor
+from teacher import build_teacher
 
 # ------------------------------------------------------------------------------------------------- settings
 parts = "step,loss,vit"  # which benchmarks to run, comma-separated
@@ -95,7 +96,7 @@ def dense_sources(target: torch.Tensor, schedule: list[int]) -> torch.Tensor:
     the official code does with ToMe's bipartite_soft_matching, merge_wavg and merge_source: the matching
     metric is the running size-weighted mean of the merged tokens."""
     B, N, _ = target.shape
-    x = target.detach().to(_wide(target))
+    x = target.detach().to(at_least_fp32(target))
     size = x.new_ones(B, N, 1)
     source = torch.eye(N, dtype=x.dtype, device=x.device).expand(B, N, N)
     for r in schedule:
@@ -124,7 +125,7 @@ def dense_morph(x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
 
 def dense_dtm_loss(pred, target, schedules, loss="smooth_l1", beta=2.0):
     """dtm_loss as the official release computes it: one source matrix and two matmuls per schedule."""
-    pred = pred.to(_wide(pred))
+    pred = pred.to(at_least_fp32(pred))
     target = target.detach().to(pred.dtype)
     total = 0.0
     for schedule in schedules or [[]]:
@@ -155,18 +156,18 @@ def sync(dev: torch.device):
         torch.cuda.synchronize(dev)
 
 
-def time_interleaved(fns: dict, dev: torch.device) -> dict:
+def time_interleaved(cfg, fns: dict, dev: torch.device) -> dict:
     """Run each function warmup + iters times, interleaved (the order alternates every round, so drift
     and neighbours' load hit every variant alike); return each one's timed durations in ms."""
     times = {name: [] for name in fns}
     names = list(fns)
-    for i in range(warmup + iters):
+    for i in range(cfg.warmup + cfg.iters):
         for name in names if i % 2 == 0 else names[::-1]:
             sync(dev)
             t0 = time.perf_counter()
             fns[name]()
             sync(dev)
-            if i >= warmup:
+            if i >= cfg.warmup:
                 times[name].append((time.perf_counter() - t0) * 1e3)
     return times
 
@@ -202,24 +203,24 @@ def amp(dev: torch.device):
 
 
 # ------------------------------------------------------------------------------------------- benchmarks
-def time_loss_alone(loss_fn, pred, targets, draws, token_wise, dev) -> dict:
+def time_loss_alone(cfg, loss_fn, pred, targets, draws, token_wise, dev) -> dict:
     """Forward + backward times of the loss alone, DTM (the drawn schedules in turn) and token-wise interleaved."""
     pred = pred.requires_grad_(True)
     calls = {"dtm": 0}
 
     def loss_only(schedules):
         with amp(dev):
-            value = loss_fn(pred, targets, schedules, loss, beta)
+            value = loss_fn(pred, targets, schedules, cfg.loss, cfg.beta)
         value.backward()
         pred.grad = None
 
     def dtm_loss_only():
         loss_only(draws[calls["dtm"] % len(draws)])
         calls["dtm"] += 1
-    return time_interleaved({"DTM": dtm_loss_only, "token-wise": lambda: loss_only(token_wise)}, dev)
+    return time_interleaved(cfg, {"DTM": dtm_loss_only, "token-wise": lambda: loss_only(token_wise)}, dev)
 
 
-def step_flops(teacher_net, student, patches: int) -> int:
+def step_flops(teacher_net, student, patches: int, patch_size: int) -> int:
     """Analytic FLOPs of one image's step: teacher forward, student forward and backward (3x forward)."""
     visual = teacher_net.visual
     t_width, t_patch = visual.conv1.weight.shape[0], visual.conv1.weight.shape[-1]
@@ -231,30 +232,31 @@ def step_flops(teacher_net, student, patches: int) -> int:
     return t_flops + 3 * s_flops
 
 
-def step_inputs(dev: torch.device):
+def step_inputs(cfg, dev: torch.device):
     """Random uint8 images, their block masks and the DTM schedules of every timed step, all from `seed`."""
-    gen = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (batch_size, 3, img_size, img_size), dtype=torch.uint8, generator=gen).to(dev)
-    random.seed(seed)
-    masking = pretrain.BlockMasking(img_size // patch_size, num_masked, min_block)
-    masks = torch.stack([masking() for _ in range(batch_size)]).to(dev)
-    rng = random.Random(seed)
-    draws = [schedule_tensor([sample_schedule(n_max, k_max, rng) for _ in range(num_schedules)], dev)
-             for _ in range(warmup + iters)]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    images = torch.randint(0, 256, (cfg.batch_size, 3, cfg.img_size, cfg.img_size), dtype=torch.uint8, generator=gen).to(dev)
+    random.seed(cfg.seed)
+    masking = data.BlockMasking(cfg.img_size // cfg.patch_size, cfg.num_masked, cfg.min_block)
+    masks = torch.stack([masking() for _ in range(cfg.batch_size)]).to(dev)
+    rng = random.Random(cfg.seed)
+    draws = [schedule_tensor([sample_schedule(cfg.n_max, cfg.k_max, rng) for _ in range(cfg.num_schedules)], dev)
+             for _ in range(cfg.warmup + cfg.iters)]
     return images, masks, draws
 
 
-def bench_step(dev: torch.device):
+def bench_step(cfg, dev: torch.device):
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # pretrain.py's banner for a random teacher: expected here
-        teacher_net = pretrain.build_teacher(teacher, "", teacher_overrides, dev)
-    student = VisionTransformer(**pretrain.model_args(model, teacher_net.out_dim, img_size, patch_size, depth)).to(dev)
-    optimizer = common.adamw(common.param_groups(student, weight_decay), lr, (0.9, 0.98), 1e-8, dev)
-    net = torch.compile(student) if compile else student
-    loss_fn = torch.compile(dtm_loss, fullgraph=True) if compile else dtm_loss
+        warnings.simplefilter("ignore", UserWarning)  # the banner for a random teacher: expected here
+        teacher_net = build_teacher(cfg.teacher, "", cfg.teacher_overrides, dev)
+    student = vit(cfg.model, **({"depth": cfg.depth} if cfg.depth else {}), img_size=cfg.img_size,
+                  patch_size=cfg.patch_size, mask_token=True, out_dim=teacher_net.out_dim).to(dev)
+    optimizer = common.adamw(common.param_groups(student, cfg.weight_decay), cfg.lr, (0.9, 0.98), 1e-8, dev)
+    net = torch.compile(student) if cfg.compile else student
+    loss_fn = torch.compile(dtm_loss, fullgraph=True) if cfg.compile else dtm_loss
 
-    images, masks, draws = step_inputs(dev)
-    grid = img_size // patch_size
+    images, masks, draws = step_inputs(cfg, dev)
+    grid = cfg.img_size // cfg.patch_size
     token_wise = schedule_tensor([], dev)
     calls = {"dtm": 0}
 
@@ -262,11 +264,11 @@ def bench_step(dev: torch.device):
         with torch.no_grad(), amp(dev):
             targets = teacher_net(images).float()
         with amp(dev):
-            pred = net(pretrain.normalize(images, common.IMAGENET_MEAN, common.IMAGENET_STD), masks)
-            loss_value = loss_fn(pred, targets, schedules, loss, beta)
+            pred = net(common.normalize(images, common.IMAGENET_MEAN, common.IMAGENET_STD), masks)
+            loss_value = loss_fn(pred, targets, schedules, cfg.loss, cfg.beta)
         loss_value.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return pred.detach(), targets
@@ -277,25 +279,25 @@ def bench_step(dev: torch.device):
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    times = time_interleaved({"DTM": dtm_step, "token-wise": lambda: step(token_wise)}, dev)
+    times = time_interleaved(cfg, {"DTM": dtm_step, "token-wise": lambda: step(token_wise)}, dev)
     dtm_ms, base_ms = statistics.median(times["DTM"]), statistics.median(times["token-wise"])
     # Each DTM step and its token-wise neighbour ran back to back: their ratio cancels slow drifts of load.
     paired = statistics.median(d / b for d, b in zip(times["DTM"], times["token-wise"]))
 
     # The loss alone, on this step's tensors: the DTM cost without the noise of the whole step.
     pred, targets = step(token_wise)
-    loss_times = time_loss_alone(loss_fn, pred, targets, draws, token_wise, dev)
+    loss_times = time_loss_alone(cfg, loss_fn, pred, targets, draws, token_wise, dev)
     extra = statistics.median(loss_times["DTM"]) - statistics.median(loss_times["token-wise"])
-    flops = batch_size * step_flops(teacher_net, student, grid * grid)
+    flops = cfg.batch_size * step_flops(teacher_net, student, grid * grid, cfg.patch_size)
     achieved = flops / (dtm_ms / 1e3)
-    mfu = f"MFU {100 * achieved / peak_flops:.1f}% of {peak_flops / 1e12:.0f} TFLOP/s" if dev.type == "cuda" \
+    mfu = f"MFU {100 * achieved / cfg.peak_flops:.1f}% of {cfg.peak_flops / 1e12:.0f} TFLOP/s" if dev.type == "cuda" \
         else "MFU: GPU only"
     schedules_seen = ", ".join(str(s.tolist()) for s in draws[:3])
-    print(f"\n[step] student ViT-{model}/{patch_size} (depth {len(student.blocks)}), teacher {teacher} "
-          f"(random init), {img_size} px, batch {batch_size}, compile {compile}, loss {loss}, "
-          f"L={num_schedules}, n_max={n_max}, k_max={k_max} (schedules drawn per step: {schedules_seen}, ...)")
-    print(f"  DTM step        {fmt(times['DTM'])}  {batch_size / dtm_ms * 1e3:8.1f} images/s")
-    print(f"  token-wise step {fmt(times['token-wise'])}  {batch_size / base_ms * 1e3:8.1f} images/s")
+    print(f"\n[step] student ViT-{cfg.model}/{cfg.patch_size} (depth {len(student.blocks)}), teacher {cfg.teacher} "
+          f"(random init), {cfg.img_size} px, batch {cfg.batch_size}, compile {cfg.compile}, loss {cfg.loss}, "
+          f"L={cfg.num_schedules}, n_max={cfg.n_max}, k_max={cfg.k_max} (schedules drawn per step: {schedules_seen}, ...)")
+    print(f"  DTM step        {fmt(times['DTM'])}  {cfg.batch_size / dtm_ms * 1e3:8.1f} images/s")
+    print(f"  token-wise step {fmt(times['token-wise'])}  {cfg.batch_size / base_ms * 1e3:8.1f} images/s")
     print(f"  DTM overhead: {100 * (paired - 1):+.2f}% of the step (median of the {len(times['DTM'])} "
           f"back-to-back pairs' ratios; ratio of the medians {dtm_ms / base_ms:.4f})")
     print(f"  loss alone (forward + backward): DTM {fmt(loss_times['DTM'])}, token-wise "
@@ -305,18 +307,18 @@ def bench_step(dev: torch.device):
     print(f"  {flops / 1e12:.3f} TFLOP per step (analytic), {achieved / 1e12:.3f} TFLOP/s, {mfu}")
 
 
-def compile_dtm_loss(pred, target, dev):
+def compile_dtm_loss(cfg, pred, target, dev):
     """torch.compile(dtm_loss, fullgraph=True): the compiled function, the graphs compiled and the seconds taken
     by its first call (forward + backward), and the graphs that 10 more calls with new random schedules add."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(dtm_loss, fullgraph=True)
-    rng = random.Random(seed)
+    rng = random.Random(cfg.seed)
 
     def call():
-        schedules = schedule_tensor([sample_schedule(loss_tokens, loss_k, rng) for _ in range(2)], dev)
-        compiled(pred, target, schedules, loss, beta).backward()
+        schedules = schedule_tensor([sample_schedule(cfg.loss_tokens, cfg.loss_k, rng) for _ in range(2)], dev)
+        compiled(pred, target, schedules, cfg.loss, cfg.beta).backward()
         pred.grad = None
     sync(dev)
     t0 = time.perf_counter()
@@ -328,36 +330,36 @@ def compile_dtm_loss(pred, target, dev):
     return compiled, graphs, seconds, counters["stats"]["unique_graphs"] - graphs
 
 
-def bench_loss(dev: torch.device):
-    r = math.ceil(loss_n / loss_k)
-    if r * loss_k > loss_n:
-        r = loss_n // loss_k
-    schedules = [[r] * loss_k] * 2
-    gen = torch.Generator().manual_seed(seed)
-    pred = torch.randn(loss_batch, loss_tokens, loss_dim, generator=gen).to(dev).requires_grad_(True)
-    target = torch.randn(loss_batch, loss_tokens, loss_dim, generator=gen).to(dev)
+def bench_loss(cfg, dev: torch.device):
+    r = math.ceil(cfg.loss_n / cfg.loss_k)
+    if r * cfg.loss_k > cfg.loss_n:
+        r = cfg.loss_n // cfg.loss_k
+    schedules = [[r] * cfg.loss_k] * 2
+    gen = torch.Generator().manual_seed(cfg.seed)
+    pred = torch.randn(cfg.loss_batch, cfg.loss_tokens, cfg.loss_dim, generator=gen).to(dev).requires_grad_(True)
+    target = torch.randn(cfg.loss_batch, cfg.loss_tokens, cfg.loss_dim, generator=gen).to(dev)
     values = {}
 
     def run(fn, name, schedules):
         def go():
-            values[name] = fn(pred, target, schedules, loss, beta)
+            values[name] = fn(pred, target, schedules, cfg.loss, cfg.beta)
             values[name].backward()
             pred.grad = None
         return go
     variants = {"dtm_loss": run(dtm_loss, "dtm_loss", schedule_tensor(schedules, dev)),
                 "dense": run(dense_dtm_loss, "dense", schedules)}
-    if compile:
-        compiled, graphs, seconds, new_graphs = compile_dtm_loss(pred, target, dev)
+    if cfg.compile:
+        compiled, graphs, seconds, new_graphs = compile_dtm_loss(cfg, pred, target, dev)
         variants["compiled"] = run(compiled, "compiled", schedule_tensor(schedules, dev))
-    times = time_interleaved(variants, dev)
+    times = time_interleaved(cfg, variants, dev)
     ours, dense = statistics.median(times["dtm_loss"]), statistics.median(times["dense"])
     counts = {name: dispatches(fn, dev) for name, fn in variants.items()}
-    print(f"\n[loss] dtm_loss forward + backward, B={loss_batch}, N={loss_tokens}, D={loss_dim}, L=2, "
-          f"n={loss_n}, k={loss_k} (schedule {r} x {loss_k} rounds), fp32")
+    print(f"\n[loss] dtm_loss forward + backward, B={cfg.loss_batch}, N={cfg.loss_tokens}, D={cfg.loss_dim}, L=2, "
+          f"n={cfg.loss_n}, k={cfg.loss_k} (schedule {r} x {cfg.loss_k} rounds), fp32")
     print(f"  dtm_loss (morph.py)            {fmt(times['dtm_loss'])}")
     print(f"  dense (source matrices, bmm)   {fmt(times['dense'])}")
     print(f"  speed-up of dtm_loss over the dense formulation: {dense / ours:.2f}x")
-    if compile:
+    if cfg.compile:
         print(f"  torch.compile(dtm_loss, fullgraph=True) {fmt(times['compiled'])}: "
               f"{dense / statistics.median(times['compiled']):.2f}x the dense formulation")
         print(f"  compiled graphs: {graphs}, compile time of dtm_loss {seconds:.1f} s (first call, forward + "
@@ -371,7 +373,7 @@ def bench_loss(dev: torch.device):
           f"(fp32: near-ties in the matching may differ; tests/test_bench.py checks equality in fp64)")
 
 
-def bench_vit(dev: torch.device):
+def bench_vit(cfg, dev: torch.device):
     """Our ViT against timm's BEiT of identical size (per-block relative position biases, LayerScale, average
     pooling), forward + backward under the step's autocast; with compile=True, eager and compiled both."""
     try:
@@ -379,16 +381,16 @@ def bench_vit(dev: torch.device):
     except ImportError as e:
         print(f"\n[vit] skipped: timm is not importable ({e})")
         return
-    size = dict(SIZES[model])
-    if depth:
-        size["depth"] = depth
-    common_args = dict(img_size=img_size, patch_size=patch_size, embed_dim=size["embed_dim"],
+    size = dict(SIZES[cfg.model])
+    if cfg.depth:
+        size["depth"] = cfg.depth
+    common_args = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=size["embed_dim"],
                        depth=size["depth"], num_heads=size["num_heads"], num_classes=1000)
     ours = VisionTransformer(**common_args, layer_scale=0.1, shared_rel_pos=False, block_rel_pos=True).to(dev)
     theirs = Beit(**common_args, init_values=0.1, use_abs_pos_emb=False, use_rel_pos_bias=True,
                   global_pool="avg").to(dev)
     n_ours, n_theirs = (sum(p.numel() for p in m.parameters()) for m in (ours, theirs))
-    images = torch.randn(batch_size, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed)).to(dev)
+    images = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(cfg.seed)).to(dev)
 
     def fwd_bwd(net):
         def go():
@@ -396,9 +398,9 @@ def bench_vit(dev: torch.device):
                 net(images).float().square().mean().backward()
         return go
     nets = {"ours": ours, "timm": theirs}
-    if compile:
+    if cfg.compile:
         nets.update({"ours compiled": torch.compile(ours), "timm compiled": torch.compile(theirs)})
-    times = time_interleaved({name: fwd_bwd(net) for name, net in nets.items()}, dev)
+    times = time_interleaved(cfg, {name: fwd_bwd(net) for name, net in nets.items()}, dev)
     peaks = {}
     for name, net in nets.items():  # one more call each, alone, for its own peak memory
         if dev.type == "cuda":
@@ -406,17 +408,17 @@ def bench_vit(dev: torch.device):
             torch.cuda.reset_peak_memory_stats(dev)
             fwd_bwd(net)()
             peaks[name] = f", peak GPU memory {torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB"
-    grid = img_size // patch_size
-    flops = 3 * batch_size * vit_flops(grid * grid + 1, size["embed_dim"], size["depth"], 4 * size["embed_dim"],
-                                       3 * patch_size ** 2, 0)  # forward + backward (3x), the head left out
-    print(f"\n[vit] forward + backward, ViT-{model}/{patch_size} depth {size['depth']}, {img_size} px, batch "
-          f"{batch_size}, per-block relative position bias, {'bf16 autocast' if dev.type == 'cuda' else 'fp32'}; "
+    grid = cfg.img_size // cfg.patch_size
+    flops = 3 * cfg.batch_size * vit_flops(grid * grid + 1, size["embed_dim"], size["depth"], 4 * size["embed_dim"],
+                                       3 * cfg.patch_size ** 2, 0)  # forward + backward (3x), the head left out
+    print(f"\n[vit] forward + backward, ViT-{cfg.model}/{cfg.patch_size} depth {size['depth']}, {cfg.img_size} px, batch "
+          f"{cfg.batch_size}, per-block relative position bias, {'bf16 autocast' if dev.type == 'cuda' else 'fp32'}; "
           f"{n_ours / 1e6:.2f}M parameters (ours), {n_theirs / 1e6:.2f}M (timm), {flops / 1e12:.3f} TFLOP")
     for name, ms in times.items():
         achieved = flops / (statistics.median(ms) / 1e3)
-        mfu = f", MFU {100 * achieved / peak_flops:.1f}%" if dev.type == "cuda" else ""
+        mfu = f", MFU {100 * achieved / cfg.peak_flops:.1f}%" if dev.type == "cuda" else ""
         label = {"ours": "ours (model.py)", "timm": "timm Beit"}.get(name, name.replace("timm", "timm Beit"))
-        print(f"  {label:22s}{fmt(times[name])}  {batch_size / statistics.median(ms) * 1e3:8.1f} images/s, "
+        print(f"  {label:22s}{fmt(times[name])}  {cfg.batch_size / statistics.median(ms) * 1e3:8.1f} images/s, "
               f"{achieved / 1e12:.2f} TFLOP/s{mfu}{peaks.get(name, '')}")
     for kind in ("", " compiled"):
         if f"ours{kind}" in times:
@@ -427,25 +429,24 @@ def bench_vit(dev: torch.device):
         print(f"  {memory(dev)}")
 
 
-def main():
-    if threads:
-        torch.set_num_threads(threads)
-    dev = common.Dist(device).device
-    torch.manual_seed(seed)
+def main(cfg):
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dev = common.Dist(cfg.device).device
+    torch.manual_seed(cfg.seed)
     where = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
              else f"CPU, {torch.get_num_threads()} threads of {os.cpu_count()} cores")
     print(f"device: {where}; python {sys.version.split()[0]}, torch {torch.__version__}; "
           f"load average at start {os.getloadavg()[0]:.2f}")
-    chosen = [p.strip() for p in parts.split(",") if p.strip()]
+    chosen = [p.strip() for p in cfg.parts.split(",") if p.strip()]
     unknown = set(chosen) - {"step", "loss", "vit"}
     if unknown:
         raise SystemExit(f"parts: unknown {sorted(unknown)}; choose from step, loss, vit")
     t0 = time.time()
     for part in chosen:
-        {"step": bench_step, "loss": bench_loss, "vit": bench_vit}[part](dev)
+        {"step": bench_step, "loss": bench_loss, "vit": bench_vit}[part](cfg, dev)
     print(f"\nbench done in {time.time() - t0:.0f} s; load average at end {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
-    configure(globals(), rules=RULES)
-    main()
+    main(configure(globals(), rules=RULES))

@@ -1,22 +1,24 @@
 """Settings as module-level globals, overridden by config files and --key=value arguments (nanoGPT style).
 
-A stage script declares its settings as plain globals, then calls
+A script declares its settings as plain commented globals, then reads them once:
 
-    config = configure(globals())
+    cfg = configure(globals(), rules=RULES)
+    main(cfg)
 
-which applies, in order, every positional argument that is a config file (a Python file that assigns some of
-the settings) and every `--key=value` override, checks each against the type of its default, writes the result
-back into the script's globals, prints it once (rank 0) and returns it as a dict for the checkpoints.
+configure() applies, in order, every positional argument that is a config file (a Python file that assigns some
+of the settings) and every `--key=value` override, checks each against the type of its default and the script's
+`rules` ({setting: a tuple of choices or a Range}), prints the result once (rank 0), writes it back into the
+script's globals and returns it as one namespace, `cfg`. `cfg.given` names the settings a file or the command
+line set. Other code (eval_transfer.py, the tests) builds a script's cfg with `settings(module, ...)`.
 
     python pretrain.py config/pretrain_demo.py --epochs=3 --lr=1 --compile --out_dir=out/run1
 
 Values are parsed with `ast.literal_eval`, falling back to the plain string. An int is accepted for a float
-setting; `--key value` works like `--key=value`; a bare `--flag` sets a bool setting to True. A setting whose
-default is typed refuses None, a non-finite float (`--lr=1e999` parses as inf) and a tuple of another length
-(a tuple is a record like betas; a list setting takes any length).
-A script may pass `rules`, {setting: allowed values}, a tuple of choices or a range (`at_least(1)`), checked
-for every value however it was given. `--help` (or `-h`) prints every setting, its default and the comment
-beside it in the script's source, and exits.
+setting; `--key value` works like `--key=value`; a bare `--flag` sets a bool setting to True. A config file's
+path-like values become strings and NumPy scalars Python numbers; any other value of the wrong type is refused
+by name. A setting whose default is typed refuses None, a non-finite float (`--lr=1e999` parses as inf) and a
+tuple of another length (a tuple is a record like betas; a list setting takes any length). `--help` (or `-h`)
+prints every setting, its default and the comment beside it in the script's source, and exits.
 """
 import ast
 import difflib
@@ -25,12 +27,19 @@ import math
 import os
 import sys
 import tokenize
+from types import SimpleNamespace
 
 SETTING_TYPES = (bool, int, float, str, tuple, list, dict, type(None))
 
 
 class ConfigError(ValueError):
     pass
+
+
+class Config(SimpleNamespace):
+    """A script's settings as attributes (vars(cfg): all of them); `given`: the names a config file or the
+    command line set, kept apart from the settings."""
+    __slots__ = ("given",)
 
 
 def settings_of(namespace: dict) -> dict:
@@ -40,8 +49,19 @@ def settings_of(namespace: dict) -> dict:
             if not k.startswith("_") and not k.isupper() and isinstance(v, SETTING_TYPES)}
 
 
-def _unknown(key: str, known: dict, where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+def _unknown(key: str, known: dict, where: str, comments: dict) -> ConfigError:
+    """An unknown setting, with the settings whose name, or a phrase of whose comment ('learning rate' for
+    --lerning_rate), is closest to it."""
+    candidates = {name: name for name in known}
+    for name, (beside, _) in comments.items():
+        words = [w.lower() for w in beside.replace("-", " ").split() if w.isalpha()]
+        for n in (1, 2, 3):  # a comment's phrases of up to three words, as one name: learning_rate
+            for i in range(len(words) - n + 1):
+                candidates.setdefault("_".join(words[i:i + n]), name)
+    score = {c: min(difflib.SequenceMatcher(None, key, c).ratio(), difflib.SequenceMatcher(None, c, key).ratio())
+             for c in candidates}
+    close = list(dict.fromkeys(candidates[c] for c in sorted(score, key=score.get, reverse=True) if score[c] >= 0.6))
+    close = [name for name in close if name in known][:3]
     hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys: {', '.join(sorted(known))}"
     return ConfigError(f"unknown setting {key!r} in {where}{hint}")
 
@@ -76,7 +96,17 @@ def coerce(key: str, value, default, where: str, allowed=None):
     return value
 
 
+def _plain(value):
+    """A path-like as its string, a NumPy scalar as the Python number it holds; anything else unchanged."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        return value.item()
+    return value
+
+
 def _coerce_type(key: str, value, default, where: str):
+    value = _plain(value)
     if default is None:
         return value  # a setting without a typed default takes anything
     expected = type(default)
@@ -111,30 +141,38 @@ def _parse_value(text: str):
         return text  # a plain string, e.g. --data_dir=/data/imagenet
 
 
-def parse_args(argv: list[str], defaults: dict, rules: dict | None = None) -> dict:
+def read_config_file(path: str) -> dict:
+    """The values a config file assigns: its public lower-case names, except modules, functions and classes
+    (a file may import what it needs). Values of other types are returned as they are, to be checked."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist (positional arguments are config files; "
+                          f"settings are given as --key=value)")
+    namespace = {}
+    with open(path) as f:
+        exec(compile(f.read(), path, "exec"), namespace)
+    return {k: v for k, v in namespace.items() if not k.startswith("_") and not k.isupper()
+            and not callable(v) and type(v) is not type(sys)}
+
+
+def parse_args(argv: list[str], defaults: dict, rules: dict | None = None, comments: dict | None = None) -> dict:
     """Resolve config files and overrides in `argv` against `defaults` (and `rules`, {setting: allowed values});
-    return the changed settings."""
-    rules = rules or {}
+    return the changed settings. `comments` ({setting: (comment, ...)}) help to suggest a misspelt setting."""
+    rules, comments = rules or {}, comments or {}
     changes = {}
     i = 0
     while i < len(argv):
         arg = argv[i]
         i += 1
         if not arg.startswith("--"):
-            if not os.path.isfile(arg):
-                raise ConfigError(f"config file {arg!r} does not exist (positional arguments are config files; "
-                                  f"settings are given as --key=value)")
-            namespace = {}
-            with open(arg) as f:
-                exec(compile(f.read(), arg, "exec"), namespace)
-            for key, value in settings_of(namespace).items():
+            where = f"config file {arg}"
+            for key, value in read_config_file(arg).items():
                 if key not in defaults:
-                    raise _unknown(key, defaults, f"config file {arg}")
-                changes[key] = coerce(key, value, defaults[key], f"config file {arg}", rules.get(key))
+                    raise _unknown(key, defaults, where, comments)
+                changes[key] = coerce(key, value, defaults[key], where, rules.get(key))
             continue
         key, eq, text = arg[2:].partition("=")
         if key not in defaults:
-            raise _unknown(key, defaults, "the command line")
+            raise _unknown(key, defaults, "the command line", comments)
         if not eq:  # --key value, or a bare --flag
             has_value = i < len(argv) and not argv[i].startswith("--")
             if isinstance(defaults[key], bool) and not (has_value and argv[i].lower() in ("true", "false")):
@@ -148,10 +186,31 @@ def parse_args(argv: list[str], defaults: dict, rules: dict | None = None) -> di
     return changes
 
 
-def configure(namespace: dict, argv: list[str] | None = None, rules: dict | None = None) -> dict:
-    """Apply config files and overrides from `argv` (default: sys.argv[1:]) to the script's globals, checking
-    each value against `rules` ({setting: a tuple of choices or a Range}). `--help` or `-h`: print the settings
-    and exit."""
+def _config(defaults: dict, changes: dict) -> Config:
+    cfg = Config(**{**defaults, **changes})
+    cfg.given = frozenset(changes)
+    return cfg
+
+
+def settings(namespace, *config_files: str, rules: dict | None = None, **overrides) -> Config:
+    """A script's cfg as configure() would make it, for other code: the settings of `namespace` (a module or
+    a dict of globals), then `config_files`, then `overrides` (Python values), each checked as configure()
+    checks them (rules: the module's RULES unless given). Errors raise ConfigError."""
+    namespace = vars(namespace) if type(namespace) is type(sys) else namespace
+    defaults = settings_of(namespace)
+    rules = namespace.get("RULES", {}) if rules is None else rules
+    changes = parse_args(list(config_files), defaults, rules)
+    for key, value in overrides.items():
+        if key not in defaults:
+            raise _unknown(key, defaults, "the overrides", {})
+        changes[key] = coerce(key, value, defaults[key], "the overrides", rules.get(key))
+    return _config(defaults, changes)
+
+
+def configure(namespace: dict, argv: list[str] | None = None, rules: dict | None = None) -> Config:
+    """A script's cfg from config files and overrides in `argv` (default: sys.argv[1:]), each checked against
+    its default's type and `rules` ({setting: a tuple of choices or a Range}); written back into the script's
+    globals and printed once. `--help` or `-h`: print the settings and exit. A bad value exits naming it."""
     argv = sys.argv[1:] if argv is None else argv
     defaults = settings_of(namespace)
     assert not set(rules or {}) - set(defaults), f"rules for unknown settings: {set(rules) - set(defaults)}"
@@ -159,15 +218,15 @@ def configure(namespace: dict, argv: list[str] | None = None, rules: dict | None
         print(help_text(namespace, rules or {}))
         sys.exit(0)
     try:
-        changes = parse_args(argv, defaults, rules)
+        changes = parse_args(argv, defaults, rules, script_comments(namespace))
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     namespace.update(changes)
-    config = {**defaults, **changes}
+    cfg = _config(defaults, changes)
     if int(os.environ.get("RANK", 0)) == 0:
-        width = max(map(len, config), default=0)
-        print("configuration:\n" + "\n".join(f"  {k:<{width}} = {v!r}" for k, v in config.items()), flush=True)
-    return config
+        width = max(map(len, defaults), default=0)
+        print("configuration:\n" + "\n".join(f"  {k:<{width}} = {v!r}" for k, v in vars(cfg).items()), flush=True)
+    return cfg
 
 
 # ------------------------------------------------------------------------------------------------------ help
@@ -188,17 +247,23 @@ def source_comments(path: str) -> dict:
     return found
 
 
-def help_text(namespace: dict, rules: dict) -> str:
-    """Every setting with its default and its comment: from the script's source, or for settings it takes from
-    a module beside it (eval_transfer.py takes finetune.py's) from that module's source."""
-    script = namespace.get("__file__", "script.py")
+def script_comments(namespace: dict) -> dict:
+    """The comments of a script's settings: from its source, or for settings it takes from a module beside it
+    (eval_transfer.py takes finetune.py's) from that module's source; the script's own win."""
+    script = namespace.get("__file__", "")
     sources = [script] + [m.__file__ for m in namespace.values() if type(m) is type(sys) and
                           getattr(m, "__file__", None) and os.path.dirname(m.__file__) == os.path.dirname(script)]
     comments = {}
-    for path in reversed(sources):  # the script's own comments win, where it has one
+    for path in reversed(sources):
         if path.endswith(".py") and os.path.isfile(path):
             comments.update({k: c for k, c in source_comments(path).items() if c[0] or k not in comments})
-    name = os.path.basename(script)
+    return comments
+
+
+def help_text(namespace: dict, rules: dict) -> str:
+    """Every setting with its default and its comment in the source."""
+    comments = script_comments(namespace)
+    name = os.path.basename(namespace.get("__file__", "script.py"))
     doc = (namespace.get("__doc__") or "").strip().split("\n\n")[0]
     lines = [f"usage: python {name} [config_file.py ...] [--key=value ...]", "", doc, "",
              "settings (--key=default, then the comment in the source):"]

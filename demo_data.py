@@ -48,7 +48,7 @@ def make_demo_dataset(root: str, n_train: int = 600, n_val: int = 200, size: int
     """Write the offline demo dataset under `root` (once; later calls reuse it), deterministic by seed:
     - `train/`, `val/`: ImageFolder by shape (10 classes), for pre-training and fine-tuning;
     - `ADEChallengeData2016/{images,annotations}/{training,validation}`: the same images with per-pixel labels
-      (0 unused, 1-4 background textures, 5-14 shapes), for segmentation;
+      (0 unused, 1-4 background textures, 5-14 shapes) and their names in objectInfo150.txt, for segmentation;
     - `labels.json`: split, file, shape and texture of every image (for other labellings)."""
     from PIL import Image
     done = os.path.join(root, "labels.json")
@@ -71,6 +71,9 @@ def make_demo_dataset(root: str, n_train: int = 600, n_val: int = 200, size: int
                                                       name + ".png"))
             records.append({"split": split, "file": os.path.relpath(path, root), "shape": SHAPES[shape],
                             "texture": TEXTURES[texture]})
+    names = [f"texture:{t}" for t in TEXTURES] + [f"shape:{s}" for s in SHAPES]  # labels 1..14, as ADE20K's table
+    table = "Idx\tRatio\tTrain\tVal\tName\n" + "".join(f"{i}\t0\t0\t0\t{n}\n" for i, n in enumerate(names, 1))
+    atomic_write(os.path.join(root, "ADEChallengeData2016", "objectInfo150.txt"), lambda f: f.write(table.encode()))
     atomic_write(done, lambda f: f.write(json.dumps(records).encode()))  # written last: its presence means the dataset is complete
     return root
 

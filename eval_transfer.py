@@ -23,14 +23,14 @@ erasing 0.25, 224 px: the pre-training resolution, 100 epochs) except:
 """
 import json
 import os
-import sys
 
 import torch
 from torchvision import datasets as tv
 
 import common
-import finetune
-from configurator import ConfigError, configure, parse_args, settings_of
+import data
+import finetune  # the one script another script imports: its training loop, fit, runs every dataset
+from configurator import ConfigError, configure, parse_args, settings, settings_of
 from demo_data import make_demo_dataset
 
 # ------------------------------------------------------------------------------------------------- settings
@@ -47,7 +47,11 @@ OWN = ("init_from", "datasets", "data_root", "demo_data", "out_dir", "recipe_dir
 # (eval_only, data_dir and the splits are this script's business, not the user's.)
 NOT_OVERRIDABLE = ("eval_only", "data_dir", "train_split", "val_split")
 FINETUNE_DEFAULTS = {k: v for k, v in settings_of(vars(finetune)).items() if k not in OWN + NOT_OVERRIDABLE}
+globals().update(FINETUNE_DEFAULTS)  # each is a setting of this script too (--help shows finetune.py's comments)
 RULES = {k: v for k, v in finetune.RULES.items() if k in FINETUNE_DEFAULTS}  # checked by configure()
+# Settings a rerun may change without changing a result: the others must match a finished dataset's.
+SYSTEM = ("workers", "device", "compile", "log_interval", "wandb_log", "wandb_project", "wandb_run_name",
+          "tensorboard", "out_dir")
 
 
 # ----------------------------------------------------------------------------------------------- datasets
@@ -65,7 +69,7 @@ class Samples(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, i):
-        return common.load_sample(self.samples, i)  # 16-bit images scaled, unreadable ones skipped with a warning
+        return data.load_sample(self.samples, i)  # 16-bit images scaled, unreadable ones skipped with a warning
 
 
 def _require(root: str, name: str, files: list[str], url: str):
@@ -198,7 +202,7 @@ def load_cub200(root):
 
 
 def load_folder(path):
-    return finetune.image_folders(path, "train", "val")
+    return data.image_folders(path, "train", "val")
 
 
 def load_demo(root, fields):
@@ -259,7 +263,7 @@ def recipe(name: str, recipe_dir_: str) -> tuple[dict, str]:
     if not os.path.isfile(path):
         return {}, ""
     try:
-        return parse_args([path], finetune.settings().__dict__, finetune.RULES), path
+        return parse_args([path], settings_of(vars(finetune)), finetune.RULES), path
     except ConfigError as e:
         raise SystemExit(f"recipe {path}: {e}") from None
 
@@ -267,8 +271,29 @@ def recipe(name: str, recipe_dir_: str) -> tuple[dict, str]:
 def dataset_settings(name: str, base: dict, overrides: dict, recipe_dir_: str, out: str):
     """finetune.py settings for one dataset: this script's base < the dataset's recipe < what the user set.
     Returns them and the recipe's path ('' if none)."""
-    settings, path = recipe(name, recipe_dir_)
-    return finetune.settings(**{**base, **settings, **overrides, "out_dir": os.path.join(out, slug(name))}), path
+    own, path = recipe(name, recipe_dir_)
+    return settings(finetune, **{**base, **own, **overrides, "out_dir": os.path.join(out, slug(name))}), path
+
+
+def comparable(values: dict) -> dict:
+    """The settings that decide a dataset's result (not SYSTEM's), as results.json stores them."""
+    return json.loads(json.dumps({k: v for k, v in values.items() if k not in SYSTEM}))
+
+
+def check_same_settings(name: str, cfg, rows: list[dict], out: str):
+    """A dataset finished (a row of results.json) or begun (its ckpt.pt) with other settings is refused: its
+    result would be reported for settings it was not trained with."""
+    row = next((r for r in rows if r["dataset"] == name), None)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    before = row.get("settings") if row else comparable(common.load_checkpoint(ckpt_path)["config"]) \
+        if os.path.isfile(ckpt_path) else None
+    now = comparable(vars(cfg))
+    if (row or before) and before != now:
+        differ = sorted(k for k in set(now) | set(before or {}) if (before or {}).get(k) != now.get(k))
+        what = "finished" if row else "was begun"
+        raise SystemExit(f"{name} {what} in {out} with other settings ({', '.join(differ[:8]) or 'not recorded'} "
+                         f"differ): its result would not be that of these settings. Choose another out_dir, or "
+                         f"rerun with the settings it was run with")
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -298,63 +323,68 @@ def write_results(out: str, rows: list[dict]):
 
 
 # ----------------------------------------------------------------------------------------------------- main
-def main(config: dict, given: set):
-    base = {k: config[k] for k in (*FINETUNE_DEFAULTS, "init_from", "device")}  # finetune.py settings
-    overrides = {k: config[k] for k in given if k in FINETUNE_DEFAULTS}  # what the user set: over each recipe
-    names = [n.strip() for n in config["datasets"].split(",") if n.strip()]
+def main(cfg):
+    base = {k: getattr(cfg, k) for k in (*FINETUNE_DEFAULTS, "init_from", "device")}  # finetune.py settings
+    overrides = {k: getattr(cfg, k) for k in cfg.given if k in FINETUNE_DEFAULTS}  # the user's: over each recipe
+    names = [n.strip() for n in cfg.datasets.split(",") if n.strip()]
     if not names:
-        raise SystemExit(f"datasets={config['datasets']!r} names no dataset; e.g. --datasets=flowers102,cars")
+        raise SystemExit(f"datasets={cfg.datasets!r} names no dataset; e.g. --datasets=flowers102,cars")
     for name in names:  # fail before any training on a misspelt name
         if not (name.startswith("folder:") or name in DATASETS or name in DEMO):
             raise SystemExit(unknown_dataset(name))
-    checkpoint = config["init_from"]
-    if checkpoint and not os.path.isfile(checkpoint):
-        raise SystemExit(f"init_from={checkpoint!r} does not exist (a checkpoint of pretrain.py or finetune.py; "
+    if cfg.init_from and not os.path.isfile(cfg.init_from):
+        raise SystemExit(f"init_from={cfg.init_from!r} does not exist (a checkpoint of pretrain.py or finetune.py; "
                          f"'' fine-tunes from random initialisation)")
-    out = config["out_dir"]
+    out = cfg.out_dir
     rows = read_results(os.path.join(out, "results.json"))
     for r in rows:
-        if r["checkpoint"] != checkpoint:
+        if r["checkpoint"] != cfg.init_from:
             raise SystemExit(f"{out}/results.json holds results of checkpoint {r['checkpoint']!r}, not of "
-                             f"{checkpoint!r}; choose another out_dir")
-    dist_ = common.Dist(config["device"])
+                             f"{cfg.init_from!r}; choose another out_dir")
+    runs = {name: dataset_settings(name, base, overrides, cfg.recipe_dir, out) for name in names}
+    for name, (run, _) in runs.items():
+        check_same_settings(name, run, rows, out)
+    dist_ = common.Dist(cfg.device)
     try:
-        if dist_.is_main:
-            out_lock = common.prepare_out_dir(out)  # writable, not in use; held while the run lives
-            if any(n in DEMO for n in names):
-                make_demo_dataset(config["demo_data"])  # once, before other ranks read it
-        dist_.barrier()
-        for name in names:
-            if any(r["dataset"] == name for r in rows):
-                dist_.print(f"{name}: finished earlier (in {out}/results.json), skipping")
-                continue
-            data = load(name, config)
-            cfg, path = dataset_settings(name, base, overrides, config["recipe_dir"], out)
-            dist_.print(f"\n{name}: {len(data[0])} training and {len(data[1])} eval images, {len(data[2])} classes; "
-                        f"recipe {path or 'finetune.py defaults'}" + (f", then {overrides}" if overrides else ""))
-            metrics = finetune.fit(cfg, *data, dist_)
-            if not metrics["epochs"]:
-                raise SystemExit(f"{name}: max_steps={cfg.max_steps} stopped training before the end of the first "
-                                 f"epoch, which is evaluated first: there is no result to record. Leave max_steps=0 "
-                                 f"or raise it past the first epoch.")
-            rows.append({"dataset": name, "top1": metrics["top1"], "top5": metrics["top5"],
-                         "best_top1": metrics["best_top1"], "epochs": metrics["epochs"], "img_size": cfg.img_size,
-                         "checkpoint": checkpoint})
+        with common.OutDirLock(out, dist_.is_main):  # writable, and this run's alone
+            if dist_.is_main and any(n in DEMO for n in names):
+                make_demo_dataset(cfg.demo_data)  # once, before other ranks read it
+            dist_.barrier()
+            for name, (run, path) in runs.items():
+                if any(r["dataset"] == name for r in rows):
+                    dist_.print(f"{name}: finished earlier with the same settings (in {out}/results.json), skipping")
+                    continue
+                rows.append(transfer(name, run, path, overrides, cfg, dist_))
+                if dist_.is_main:
+                    write_results(out, rows)
             if dist_.is_main:
-                write_results(out, rows)
-        if dist_.is_main:
-            print("\n" + write_results(out, rows), flush=True)
+                print("\n" + write_results(out, rows), flush=True)
     finally:
         dist_.close()
 
 
-def load(name: str, config: dict):
+def transfer(name: str, run, recipe_path: str, overrides: dict, cfg, dist_: common.Dist) -> dict:
+    """Fine-tune on one dataset (finetune.fit, in its own locked out_dir); its row of the results table."""
+    train, val, classes = load(name, cfg)
+    dist_.print(f"\n{name}: {len(train)} training and {len(val)} eval images, {len(classes)} classes; recipe "
+                f"{recipe_path or 'finetune.py defaults'}" + (f", then {overrides}" if overrides else ""))
+    with common.OutDirLock(run.out_dir, dist_.is_main):
+        metrics = finetune.fit(run, train, val, classes, dist_)
+    if not metrics["epochs"]:
+        raise SystemExit(f"{name}: max_steps={run.max_steps} stopped training before the end of the first epoch, "
+                         f"which is evaluated first: there is no result to record. Leave max_steps=0 or raise it "
+                         f"past the first epoch.")
+    return {"dataset": name, "top1": metrics["top1"], "top5": metrics["top5"], "best_top1": metrics["best_top1"],
+            "epochs": metrics["epochs"], "img_size": run.img_size, "checkpoint": cfg.init_from,
+            "settings": comparable(vars(run))}
+
+
+def load(name: str, cfg):
     try:
-        return load_dataset(name, config["data_root"], config["demo_data"])
+        return load_dataset(name, cfg.data_root, cfg.demo_data)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(str(e)) from None
 
 
 if __name__ == "__main__":
-    defaults = {**settings_of(globals()), **FINETUNE_DEFAULTS}  # this script's settings and finetune.py's
-    main(configure(dict(defaults), rules=RULES), set(parse_args(sys.argv[1:], defaults)))
+    main(configure(globals(), rules=RULES))

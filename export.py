@@ -4,10 +4,12 @@
     python export.py --ckpt=out/pretrain/ckpt.pt --out=backbone.safetensors   # the pre-trained backbone
 
 Weights only: no optimizer, no settings. The shared relative position table is added into every block's own
-table (as fine-tuning does), so the file loads strictly into timm's standard `Beit` (use_rel_pos_bias=True);
-the pre-training parts timm's Beit has no place for (mask token, prediction head) are left out. Written as
-safetensors when the safetensors package is importable, else as a torch state dict (.pt). Official DTM /
-BEiT v2 / timm checkpoints are read too: the other direction needs no export, `--init_from` takes them.
+table (as fine-tuning does), so the file loads strictly into timm's standard `Beit` (use_rel_pos_bias=True)
+with the call export.py prints; the parts timm's Beit has no place for are left out (a pre-training run's mask
+token and prediction head, a linear probe's BatchNorm and head, a segmenter's UperNet). A segmenter's backbone
+has no final norm (UperNet reads block outputs): its file holds a fresh one (ones, zeros), said when written.
+Written as safetensors when the safetensors package is importable, else as a torch state dict (.pt). Official
+DTM / BEiT v2 / timm checkpoints are read too: the other direction needs no export, `--init_from` takes them.
 """
 import os
 
@@ -18,23 +20,28 @@ from configurator import configure
 from model import VisionTransformer, as_our_checkpoint, backbone_state_dict, to_timm_keys
 
 # ------------------------------------------------------------------------------------------------- settings
-ckpt = ""  # a checkpoint of pretrain.py, finetune.py or segment.py (or an official DTM / BEiT v2 one)
+ckpt = ""  # a checkpoint of pretrain.py, finetune.py (or a probe) or segment.py, or an official DTM / BEiT v2 one
 out = ""  # the file to write; '' = next to ckpt, <name>_timm.safetensors (.pt without safetensors)
 overwrite = False  # replace an existing out file
 
 
 def exported_state(checkpoint: dict) -> tuple[dict, dict]:
-    """(state dict in timm's names, the architecture it is for) of a checkpoint of any of our stages."""
-    if "head_args" in checkpoint:  # a segmenter: its backbone (the UperNet head has no timm counterpart)
-        state = {k.removeprefix("backbone."): v for k, v in checkpoint["model"].items() if k.startswith("backbone.")}
-        checkpoint = {"model": state, "model_args": checkpoint["backbone_args"]}
-    checkpoint = as_our_checkpoint(checkpoint)
+    """(state dict in timm's names, the architecture it is for) of a checkpoint of any of our stages: every
+    weight of that architecture, checked by loading it strictly (a foreign or partial file is refused)."""
+    segmenter = "backbone_args" in checkpoint
+    checkpoint = as_our_checkpoint(checkpoint)  # a probe's or segmenter's backbone; official and timm layouts
     args = dict(checkpoint["model_args"], mask_token=False, out_dim=0)
     args["shared_rel_pos"] = args.get("shared_rel_pos", True) and not args.get("block_rel_pos", True)
     target = VisionTransformer(**args)  # the architecture the weights are folded for
     grid = (args["img_size"] // args["patch_size"],) * 2
     state = backbone_state_dict(checkpoint["model"], target, grid)
-    return to_timm_keys({k: v.detach().contiguous() for k, v in state.items()}), args
+    if segmenter:  # no final norm of its own: timm's Beit gets a fresh one, as its own init would make it
+        state = {**{k: v for k, v in target.state_dict().items() if k.startswith("norm.")}, **state}
+    try:
+        target.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # the weights of another network
+        raise ValueError(f"its weights do not make a whole ViT ({' '.join(str(e).split())[:400]})") from None
+    return to_timm_keys({k: v.detach().contiguous() for k, v in state.items()}), dict(args, segmenter=segmenter)
 
 
 def timm_kwargs(args: dict) -> str:
@@ -57,6 +64,7 @@ def write(state: dict, path: str) -> str:
         if path.endswith(".safetensors"):
             path = path[:-len(".safetensors")] + ".pt"
             print(f"safetensors is not importable: writing a torch state dict to {path} instead")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     if save_file is not None and path.endswith(".safetensors"):
         save_file(state, tmp, metadata={"format": "pt"})
@@ -66,23 +74,25 @@ def write(state: dict, path: str) -> str:
     return path
 
 
-def main():
-    if not ckpt:
+def main(cfg):
+    if not cfg.ckpt:
         raise SystemExit("give --ckpt=<a checkpoint of pretrain.py, finetune.py or segment.py>")
-    path = out or os.path.splitext(ckpt)[0] + "_timm.safetensors"
-    if os.path.exists(path) and not overwrite:
+    path = cfg.out or os.path.splitext(cfg.ckpt)[0] + "_timm.safetensors"
+    if os.path.exists(path) and not cfg.overwrite:
         raise SystemExit(f"out={path!r} exists: choose another --out or pass --overwrite")
     try:
-        state, args = exported_state(common.load_checkpoint(ckpt))
+        state, args = exported_state(common.load_checkpoint(cfg.ckpt))
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"ckpt={ckpt!r}: {e}") from None
+        raise SystemExit(f"ckpt={cfg.ckpt!r} cannot be exported: {e}") from None
     path = write(state, path)
     size = sum(v.numel() for v in state.values())
     print(f"wrote {path}: {len(state)} tensors, {size / 1e6:.2f}M weights, timm Beit key names")
+    if args["segmenter"]:
+        print("a segmenter's backbone: UperNet reads its block outputs (timm: forward_intermediates), it has no "
+              "final norm of its own; the file's norm is a fresh one (ones, zeros)")
     print(f"load it with: timm.create_model('beit_base_patch16_224', pretrained=False, {timm_kwargs(args)}, "
           f"checkpoint_path={path!r})")
 
 
 if __name__ == "__main__":
-    configure(globals())
-    main()
+    main(configure(globals()))

@@ -6,15 +6,11 @@
     python finetune.py --eval_only --init_from=out/finetune/best.pt --data_dir=/data/imagenet  # val/ only
 
 Every setting below can be changed by a config file or --key=value (configurator.py). A run whose out_dir
-already holds ckpt.pt resumes from it; best.pt keeps the weights of the epoch with the best val
-top-1.
-
-The training loop (`fit`) takes its settings as an argument (a `cfg` namespace, see `settings`), not from this
-module's globals, so that eval_transfer.py can run it on other datasets.
+already holds ckpt.pt resumes from it; best.pt keeps the weights of the epoch with the best val top-1.
+eval_transfer.py runs `fit` on other datasets, with a cfg it builds with configurator.settings(finetune, ...).
 """
 import os
 import time
-from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -22,7 +18,9 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 import common
-from configurator import Range, at_least, configure, settings_of
+import data
+import plot
+from configurator import Range, at_least, configure
 from demo_data import make_demo_dataset
 from model import SIZES, VisionTransformer, load_backbone
 
@@ -35,7 +33,7 @@ data_dir = "data/imagenet"  # ImageFolders <data_dir>/<train_split>/<class>/*.jp
 train_split = "train"
 val_split = "val"
 demo_data = ""  # if set: generate the offline demo dataset in this folder first (data_dir should be it)
-init_from = ""  # a pre-training or fine-tuned checkpoint of this project; '' = random init (baselines)
+init_from = ""  # a checkpoint of this project (pre-training, fine-tuning, probe, segmentation); '' = random init
 eval_only = False  # evaluate init_from (or out_dir/best.pt) on the val split, log it in out_dir/log.jsonl, exit
 # model: must match init_from (a checkpoint of another size is refused)
 model = "base"  # tiny, small, base, large
@@ -61,7 +59,7 @@ epochs = 100
 warmup_epochs = 20
 batch_size = 1024  # total over all GPUs and accumulation steps
 micro_batch_size = 128  # per GPU and forward pass; accumulation makes up the rest
-lr = 5e-4  # at batch 1024; scaled linearly with batch_size
+lr = 5e-4  # learning rate at batch 1024; scaled linearly with batch_size
 min_lr = 1e-6
 weight_decay = 0.05
 layer_decay = 0.65
@@ -73,9 +71,9 @@ linear_probe = False
 probe_block = -1  # which block's output to pool; -1: the last
 probe_epochs = 90
 probe_warmup_epochs = 10
-probe_lr = 0.1  # at batch 256; scaled linearly with batch_size; SGD with momentum 0.9
+probe_lr = 0.1  # learning rate at batch 256; scaled linearly with batch_size; SGD with momentum 0.9
 probe_weight_decay = 0.0
-# logging: log.jsonl and curves.png (plot.py) always; wandb and TensorBoard if asked for (rank 0, pip install them)
+# logging: log.jsonl and curves.png always; wandb and TensorBoard if asked for (rank 0, pip install them)
 wandb_log = False  # also log to Weights & Biases
 wandb_project = "dtm"
 wandb_run_name = ""  # '': the out_dir's name
@@ -96,77 +94,6 @@ RULES = {"model": tuple(SIZES), "crop_pct": Range(0.01, 1),
                           "weight_decay", "grad_clip", "probe_warmup_epochs", "probe_lr", "workers", "max_steps"),
                          at_least(0))}
 
-MEAN_FILL = tuple(round(255 * m) for m in common.IMAGENET_MEAN)  # RandAugment fills with the mean colour
-
-
-def settings(**overrides) -> SimpleNamespace:
-    """This script's default settings with `overrides` applied: the `cfg` that fit() takes (eval_transfer.py
-    and the tests build theirs with it)."""
-    return common.settings(settings_of(globals()), overrides, "finetune.py")
-
-
-# --------------------------------------------------------------------------------------------------- data
-def train_transform(cfg):
-    """uint8 PIL image -> normalised float tensor. Fine-tuning: BEiT/DeiT augmentation; linear probing:
-    crop and flip only (MAE)."""
-    ops = [v2.PILToTensor(),
-           v2.RandomResizedCrop(cfg.img_size, scale=tuple(cfg.crop_scale),
-                                interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-           v2.RandomHorizontalFlip()]
-    if cfg.randaug_ops and not cfg.linear_probe:
-        ops.append(v2.RandAugment(cfg.randaug_ops, cfg.randaug_magnitude,
-                                  interpolation=v2.InterpolationMode.BILINEAR, fill=list(MEAN_FILL)))
-    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)]
-    if cfg.erase_prob and not cfg.linear_probe:  # on the normalised image, per-pixel N(0, 1) noise (timm 'pixel')
-        ops.append(v2.RandomErasing(cfg.erase_prob, value="random"))
-    return v2.Compose(ops)
-
-
-def eval_transform(cfg):
-    return v2.Compose([
-        v2.PILToTensor(),
-        v2.Resize(int(cfg.img_size / cfg.crop_pct), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-        v2.CenterCrop(cfg.img_size),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD),
-    ])
-
-
-class Transformed(torch.utils.data.Dataset):
-    """(image, label) pairs of any dataset with a transform applied to the image."""
-
-    def __init__(self, data, transform):
-        self.data, self.transform = data, transform
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, i):
-        image, label = self.data[i]
-        return self.transform(image), label
-
-
-def image_folders(root: str, train: str, val: str, val_only: bool = False):
-    """ImageNet's layout: root/train/<class>/*.jpg and root/val/<class>/*.jpg, with the same classes. With
-    val_only (evaluation), train/ is not needed: (None, val set, its classes)."""
-    if not os.path.isdir(root):
-        raise SystemExit(f"data_dir {root!r} does not exist; expected {root}/{train}/<class>/<image>.jpg and "
-                         f"{root}/{val}/<class>/<image>.jpg (ImageNet's layout after the usual val/ reorganisation)")
-    try:
-        val_set = common.ImageFolder(os.path.join(root, val))
-        if val_only:
-            return None, val_set, val_set.classes
-        train_set = common.ImageFolder(os.path.join(root, train))
-    except FileNotFoundError as e:
-        raise SystemExit(str(e)) from None
-    if train_set.classes != val_set.classes:
-        only_val = sorted(set(val_set.classes) - set(train_set.classes))
-        only_train = sorted(set(train_set.classes) - set(val_set.classes))
-        raise SystemExit(f"the classes of {val_set.root} differ from those of {train_set.root}: "
-                         f"only in {val}/: {only_val[:10] or 'none'}{' ...' if len(only_val) > 10 else ''}; "
-                         f"only in {train}/: {only_train[:10] or 'none'}{' ...' if len(only_train) > 10 else ''}")
-    return train_set, val_set, train_set.classes
-
 
 # -------------------------------------------------------------------------------------------------- mixing
 def make_targets(cfg, num_classes: int):
@@ -174,17 +101,12 @@ def make_targets(cfg, num_classes: int):
     CutMix per batch (if on), then label smoothing.
     Smoothing after mixing equals timm's smoothing before mixing: both give (1 - s) * mixed + s / K."""
     mixes = []
-    if cfg.mixup > 0:
+    if cfg.mixup > 0 and not cfg.linear_probe:
         mixes.append(v2.MixUp(alpha=cfg.mixup, num_classes=num_classes))
-    if cfg.cutmix > 0:
+    if cfg.cutmix > 0 and not cfg.linear_probe:
         mixes.append(v2.CutMix(alpha=cfg.cutmix, num_classes=num_classes))
-    if cfg.linear_probe:
-        mixes = []
-    mix = None
-    if len(mixes) == 2:
-        mix = v2.RandomChoice(mixes, p=[1 - cfg.mixup_switch_prob, cfg.mixup_switch_prob])
-    elif mixes:
-        mix = mixes[0]
+    mix = v2.RandomChoice(mixes, p=[1 - cfg.mixup_switch_prob, cfg.mixup_switch_prob]) if len(mixes) == 2 else \
+        mixes[0] if mixes else None
     smoothing = 0.0 if cfg.linear_probe else cfg.smoothing
 
     def apply(images, labels):
@@ -222,8 +144,6 @@ class LinearProbe(nn.Module):
 
 def model_args(cfg, num_classes: int) -> dict:
     """VisionTransformer arguments: the classifier, or for linear probing the backbone (no head)."""
-    if cfg.model not in SIZES:
-        raise SystemExit(f"model={cfg.model!r} is not one of {', '.join(SIZES)}")
     size = dict(SIZES[cfg.model])
     if cfg.depth:
         size["depth"] = cfg.depth
@@ -254,25 +174,31 @@ def init_head(head: nn.Linear, init_scale: float):
 
 
 def init_model(net: nn.Module, path: str, log=print):
-    """Load a pre-training or fine-tuned checkpoint of this project into the backbone (model.load_backbone:
-    drops the mask token and pre-training head, adds the shared position table to every block's own, resizes
-    the tables, refuses another model size)."""
+    """Load the ViT of any checkpoint (pre-training, fine-tuning, a linear probe's or a segmenter's backbone, an
+    official or timm one) into the backbone: model.load_backbone drops the mask token and pre-training head,
+    adds the shared position table to every block's own, resizes the tables, and refuses another model size or
+    a checkpoint that would leave part of the backbone at random init."""
     ckpt = common.load_checkpoint(path)
     backbone = net.backbone if isinstance(net, LinearProbe) else net
-    if ckpt.get("probe"):  # a linear-probe checkpoint: its backbone is what we want (fine-tuned ones hold None)
-        ckpt = dict(ckpt, model={k[len("backbone."):]: v for k, v in ckpt["model"].items()
-                                 if k.startswith("backbone.")})
     try:
         load_backbone(backbone, ckpt, log=log)
     except ValueError as e:
         raise SystemExit(f"init_from={path!r}: {e}") from None
 
 
+def describe(net: nn.Module, args: dict) -> str:
+    """What was built, in a line."""
+    kind = "linear probe of" if isinstance(net, LinearProbe) else f"{args['num_classes']}-class"
+    return (f"{kind} ViT of width {args['embed_dim']}, depth {args['depth']}, {args['num_heads']} heads, "
+            f"{args['img_size']} px, patch {args['patch_size']}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M "
+            f"parameters, {sum(p.numel() for p in net.parameters() if p.requires_grad) / 1e6:.2f}M trained")
+
+
 # ------------------------------------------------------------------------------------------------ evaluate
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, dist_: common.Dist) -> dict:
     """Top-1, top-5 (%) and mean cross entropy over the whole val set. Each rank counts its own shard (no
-    padding duplicates, see common.data_loader) and the counts are summed over ranks."""
+    padding duplicates, see data.data_loader) and the counts are summed over ranks."""
     was_training = model.training
     model.eval()
     counts = torch.zeros(4, dtype=torch.float64, device=dist_.device)  # top-1 hits, top-5 hits, samples, loss
@@ -307,22 +233,22 @@ def make_optimizer(cfg, net: nn.Module, device: torch.device):
 
 def fit(cfg, train_data, val_data, classes: list, dist_: common.Dist) -> dict:
     """Fine-tune (or linear-probe) on `train_data`, evaluating on `val_data` after every epoch; both yield
-    (PIL image, int label). Checkpoints go to cfg.out_dir (ckpt.pt: last, best.pt: best val top-1) and a run
-    whose out_dir holds ckpt.pt resumes from it, evaluating first an epoch it finished but did not evaluate.
-    Returns the last evaluation, the best top-1 and the number of epochs evaluated (fewer than the schedule's
-    when max_steps stops it early)."""
+    (PIL image, int label). Checkpoints go to cfg.out_dir (ckpt.pt: last, best.pt: best val top-1; the caller
+    holds its lock) and a run whose out_dir holds ckpt.pt resumes from it, evaluating first an epoch it
+    finished but did not evaluate. One optimizer step per iteration of the outer loop, one micro-batch per
+    iteration of the inner one. Returns the last evaluation, the best top-1 and the epochs evaluated (fewer
+    than the schedule's when max_steps stops it early)."""
     dev = dist_.device
     epochs, warmup_epochs = (cfg.probe_epochs, cfg.probe_warmup_epochs) if cfg.linear_probe else \
         (cfg.epochs, cfg.warmup_epochs)
     accum = dist_.accumulation_steps(cfg.batch_size, cfg.micro_batch_size)
 
     # Data: each image's augmentation is drawn from (seed, epoch, index), whichever worker loads it.
-    train_set = common.SeededSamples(Transformed(train_data, train_transform(cfg)), cfg.seed)
-    loader = common.data_loader(train_set, cfg.micro_batch_size, dist_, train=True, workers=cfg.workers,
-                                seed=cfg.seed)
-    val_loader = common.data_loader(Transformed(val_data, eval_transform(cfg)), cfg.micro_batch_size, dist_,
-                                    train=False, workers=cfg.workers)
-    steps_per_epoch = len(loader) // accum
+    train_set = data.SeededSamples(data.Transformed(train_data, data.finetune_train_transform(cfg)), cfg.seed)
+    loader = data.data_loader(train_set, cfg.micro_batch_size, dist_, train=True, workers=cfg.workers, seed=cfg.seed)
+    val_set = data.Transformed(val_data, data.finetune_eval_transform(cfg.img_size, cfg.crop_pct))
+    val_loader = data.data_loader(val_set, cfg.micro_batch_size, dist_, train=False, workers=cfg.workers)
+    steps_per_epoch = len(loader) // accum  # an incomplete accumulation at an epoch's end is dropped
     if steps_per_epoch == 0:
         raise SystemExit(f"{len(train_set)} training images are fewer than one batch of {cfg.batch_size}")
     targets_of = make_targets(cfg, len(classes))
@@ -336,12 +262,12 @@ def fit(cfg, train_data, val_data, classes: list, dist_: common.Dist) -> dict:
 
     # Resume from out_dir, or initialise from init_from.
     ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
-    out_lock = common.prepare_out_dir(cfg.out_dir, dist_.is_main)  # writable, not in use; held while fit runs
     ckpt = common.resume(ckpt_path, net, optimizer, dist_, "finetune", model_args=args, probe=probe)
     if ckpt is None and cfg.init_from:
         init_model(net, cfg.init_from, log=dist_.print)
-    elif ckpt is None:
-        dist_.print("init_from='': training from random initialisation")
+    dist_.print(f"model: {describe(net, args)}, " + ("resumed" if ckpt else f"from {cfg.init_from}" if cfg.init_from
+                else "from random initialisation") + f"; {steps_per_epoch} steps per epoch of {cfg.batch_size} = "
+                f"{cfg.micro_batch_size} x {accum} micro-batches x {dist_.world_size} processes; peak lr {base_lr:.3g}")
     step = ckpt["step"] if ckpt else 0
     keep = ("best_top1", "metrics", "evaluated", "train_loss", "images_per_s", "epoch_sums")
     state = {k: ckpt[k] for k in keep} if ckpt else {"best_top1": -1.0, "metrics": {}, "evaluated": 0,
@@ -351,76 +277,74 @@ def fit(cfg, train_data, val_data, classes: list, dist_: common.Dist) -> dict:
     if step >= last_step and state["evaluated"] >= step // steps_per_epoch:  # no step and no evaluation left
         dist_.print(f"finished: nothing to train ({ckpt_path} is at step {step} of {last_step}, evaluated; raise "
                     f"epochs or max_steps to train on)")
-    log = common.Metrics(cfg.out_dir, cfg, dist_.is_main)  # log.jsonl, and wandb / TensorBoard if asked
+    log = plot.Metrics(cfg.out_dir, cfg, dist_.is_main, __file__)  # log.jsonl, and wandb / TensorBoard if asked
     model = dist_.wrap(net, cfg.compile)
     trainable = [p for p in net.parameters() if p.requires_grad]
-    extra = dict(config=vars(cfg).copy(), model_args=args, probe=probe, classes=list(classes), stage="finetune")
+    extra = dict(config=vars(cfg).copy(), model_args=args, probe=probe, classes=list(classes), stage="finetune",
+                 code=log.code)
 
-    with common.StopOnSignal() as stop:
+    with common.StopOnSignal(ckpt_path, dist_) as stop:
+        batches = None
         while True:
-            epoch, skip = common.position(step, steps_per_epoch, accum)
-            if state["evaluated"] < epoch:  # the epoch before is complete (perhaps in an earlier run): evaluate it
-                metrics = evaluate(net, val_loader, dist_)
-                improved = metrics["top1"] > state["best_top1"]
-                state.update(metrics=metrics, best_top1=max(state["best_top1"], metrics["top1"]), evaluated=epoch)
-                common.save_state(ckpt_path, dist_, net, optimizer, step, metrics["loss"], epoch=epoch, **extra,
-                                  **state)
-                if improved:
-                    # best.pt: the weights alone (no optimizer: a run resumes from ckpt.pt), a third of the size
-                    common.save_state(best_path, dist_, net, None, step, metrics["loss"], epoch=epoch, **extra,
+            if batches is None:  # between epochs: evaluate the one just finished (perhaps in an earlier run)
+                epoch, done = divmod(step, steps_per_epoch)
+                if state["evaluated"] < epoch:
+                    metrics = evaluate(net, val_loader, dist_)
+                    improved = metrics["top1"] > state["best_top1"]
+                    state.update(metrics=metrics, best_top1=max(state["best_top1"], metrics["top1"]), evaluated=epoch)
+                    common.save_state(ckpt_path, dist_, net, optimizer, step, metrics["loss"], epoch=epoch, **extra,
                                       **state)
-                log.log({"epoch": epoch - 1, "step": step, "train_loss": state["train_loss"],
-                         "lr": optimizer.param_groups[-1]["lr"], "val_top1": metrics["top1"],
-                         "val_top5": metrics["top5"], "val_loss": metrics["loss"], "best_top1": state["best_top1"],
-                         "images_per_s": state["images_per_s"], "time": time.time()})
-                dist_.print(f"epoch {epoch - 1}: train loss {state['train_loss']:.4f}, val top-1 "
-                            f"{metrics['top1']:.2f}, top-5 {metrics['top5']:.2f} (best {state['best_top1']:.2f}), "
-                            f"step {step}/{total_steps}")
-            if step >= last_step or stop.now(dist_, sync_point=True):  # also a stop asked for while evaluating
-                break
-
-            batches = common.epoch_batches(loader, epoch, cfg.seed, skip)
-            bar = common.progress(batches, dist_, desc=f"epoch {epoch}", unit="step",
-                                  total=steps_per_epoch - step % steps_per_epoch)
-            net.train()
-            sums, t0, seen = torch.zeros(2, device=dev), time.time(), 0
-            epoch_sums = torch.tensor(state["epoch_sums"], dtype=torch.float32, device=dev)
-            for micro, (images, labels) in enumerate(bar.iterable, start=skip):
-                images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
-                common.seed_step(cfg.seed, dist_.rank, step, micro % accum)  # MixUp, CutMix, drop path: by position
+                    if improved:  # best.pt: the weights alone (no optimizer: a run resumes from ckpt.pt)
+                        common.save_state(best_path, dist_, net, None, step, metrics["loss"], epoch=epoch, **extra,
+                                          **state)
+                    log.log({"epoch": epoch - 1, "step": step, "train_loss": state["train_loss"],
+                             "lr": optimizer.param_groups[-1]["lr"], "val_top1": metrics["top1"],
+                             "val_top5": metrics["top5"], "val_loss": metrics["loss"], "best_top1": state["best_top1"],
+                             "images_per_s": state["images_per_s"], "time": time.time()})
+                    dist_.print(f"epoch {epoch - 1}: train loss {state['train_loss']:.4f}, val top-1 "
+                                f"{metrics['top1']:.2f}, top-5 {metrics['top5']:.2f} (best {state['best_top1']:.2f}), "
+                                f"step {step}/{total_steps}")
+                if step >= last_step or stop.now():  # also a stop asked for while evaluating
+                    break
+                batches = iter(data.epoch_batches(loader, epoch, cfg.seed, skip=done * accum))
+                bar = common.progress(None, dist_, desc=f"epoch {epoch}", unit="step", total=steps_per_epoch,
+                                      initial=done)
+                net.train()
+                sums, t0, seen = torch.zeros(2, device=dev), time.time(), 0
+                epoch_sums = torch.tensor(state["epoch_sums"], dtype=torch.float32, device=dev)
+            lr = common.cosine_schedule(step, total_steps, warmup_epochs * steps_per_epoch, base_lr, final_lr)
+            common.set_lr(optimizer, lr)
+            for micro in range(accum):
+                images, labels = (x.to(dev, non_blocking=True) for x in next(batches))
+                common.seed_everything(common.seed_of(cfg.seed, dist_.rank, step, micro))  # MixUp, drop path
                 images, targets = targets_of(images, labels)  # MixUp/CutMix per micro-batch, then label smoothing
-                last_micro = (micro + 1) % accum == 0
-                with common.no_sync(model, dist_, sync=last_micro), dist_.autocast():
+                with dist_.no_sync(model, sync=micro == accum - 1), dist_.autocast():
                     loss = F.cross_entropy(model(images).float(), targets)
                     (loss / accum).backward()
                 sums += torch.stack([loss.detach().float(), torch.ones((), device=dev)])
                 seen += len(images) * dist_.world_size
-                if not last_micro:
-                    continue
-                lr = common.cosine_schedule(step, total_steps, warmup_epochs * steps_per_epoch, base_lr, final_lr)
-                common.set_lr(optimizer, lr)
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                bar.update()
-                log_step = step % cfg.log_interval == 0 or step == last_step
-                if log_step:  # a GPU sync: only every log_interval steps
-                    mean = common.mean_loss(sums, dist_, step, cfg.out_dir)
-                    bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}", img_s=f"{seen / (time.time() - t0):.0f}")
-                    epoch_sums += sums
-                    sums.zero_()
-                stopping = stop.now(dist_, sync_point=log_step)
-                if stopping or step == last_step or step % steps_per_epoch == 0:
-                    break  # an incomplete accumulation at the epoch's end is dropped
-            bar.close()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update()
+            log_step = step % cfg.log_interval == 0 or step == last_step
+            if log_step:  # a GPU sync: only every log_interval steps
+                mean = common.mean_loss(sums, dist_, step, cfg.out_dir)
+                bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}", img_s=f"{seen / (time.time() - t0):.0f}")
+                epoch_sums += sums
+                sums.zero_()
+            epoch_done = step % steps_per_epoch == 0
+            if not (epoch_done or step == last_step or stop.now(sync_point=log_step)):
+                continue
 
-            # Checkpoint at the epoch's end (evaluated above, next), at the last step and when stopped.
+            # Checkpoint at the epoch's end (evaluated next), at the last step and when stopped.
+            bar.close()
+            batches = None
             epoch_sums += sums
-            done = step % steps_per_epoch == 0
-            state.update(train_loss=common.mean_loss(epoch_sums, dist_, step, cfg.out_dir),
-                         images_per_s=seen / (time.time() - t0), epoch_sums=[0, 0] if done else epoch_sums.tolist())
+            state.update(train_loss=common.mean_loss(epoch_sums, dist_, step, cfg.out_dir), images_per_s=seen /
+                         (time.time() - t0), epoch_sums=[0, 0] if epoch_done else epoch_sums.tolist())
             net.eval()
             with torch.no_grad(), dist_.autocast():  # the loss of the weights about to be saved
                 check = F.cross_entropy(net(images).float(), targets).item()
@@ -443,34 +367,34 @@ def evaluate_checkpoint(cfg, val_data, classes: list, dist_: common.Dist) -> dic
                          f"{len(classes)} classes of the val set")
     net = build_model(ckpt["model_args"], ckpt.get("probe"))
     net.load_state_dict(ckpt["model"])
-    cfg = SimpleNamespace(**{**vars(cfg), "img_size": ckpt["model_args"]["img_size"]})
-    val_set = Transformed(val_data, eval_transform(cfg))
-    loader = common.data_loader(val_set, cfg.micro_batch_size, dist_, train=False, workers=cfg.workers)
+    val_set = data.Transformed(val_data, data.finetune_eval_transform(ckpt["model_args"]["img_size"], cfg.crop_pct))
+    loader = data.data_loader(val_set, cfg.micro_batch_size, dist_, train=False, workers=cfg.workers)
     metrics = evaluate(net.to(dist_.device), loader, dist_)
     dist_.print(f"{path}: top-1 {metrics['top1']:.2f}, top-5 {metrics['top5']:.2f}, loss {metrics['loss']:.4f} "
                 f"on {metrics['samples']} images")
     if dist_.is_main:
-        os.makedirs(cfg.out_dir, exist_ok=True)
         common.log_json(os.path.join(cfg.out_dir, "log.jsonl"), {"eval_only": path, **metrics, "time": time.time()})
     return metrics
 
 
 # ----------------------------------------------------------------------------------------------------- main
-def main(config: dict):
-    cfg = SimpleNamespace(**config)
+def main(cfg):
+    if cfg.init_from and not os.path.isfile(cfg.init_from):
+        raise SystemExit(f"init_from={cfg.init_from!r} does not exist (a checkpoint of pretrain.py or finetune.py; "
+                         f"'' trains from random initialisation)")
     dist_ = common.Dist(cfg.device)
     try:
-        if cfg.demo_data:
-            dist_.on_main(make_demo_dataset, cfg.demo_data, size=cfg.img_size, seed=cfg.seed)
-        if cfg.init_from and not os.path.isfile(cfg.init_from):
-            raise SystemExit(f"init_from={cfg.init_from!r} does not exist (a checkpoint of pretrain.py or "
-                             f"finetune.py; '' trains from random initialisation)")
-        train_data, val_data, classes = image_folders(cfg.data_dir, cfg.train_split, cfg.val_split, cfg.eval_only)
-        if cfg.eval_only:
-            evaluate_checkpoint(cfg, val_data, classes, dist_)
-            return
-        dist_.print(f"{len(train_data)} training and {len(val_data)} val images, {len(classes)} classes")
-        fit(cfg, train_data, val_data, classes, dist_)
+        with common.OutDirLock(cfg.out_dir, dist_.is_main):  # writable, and this run's alone
+            if cfg.demo_data and dist_.is_main:
+                make_demo_dataset(cfg.demo_data, size=cfg.img_size, seed=cfg.seed)
+            dist_.barrier()
+            train_data, val_data, classes = data.image_folders(cfg.data_dir, cfg.train_split, cfg.val_split,
+                                                               cfg.eval_only)
+            if cfg.eval_only:
+                evaluate_checkpoint(cfg, val_data, classes, dist_)
+                return
+            dist_.print(f"{len(train_data)} training and {len(val_data)} val images, {len(classes)} classes")
+            fit(cfg, train_data, val_data, classes, dist_)
     finally:
         dist_.close()
 

@@ -165,6 +165,12 @@ class VisionTransformer(nn.Module):
             block.attn.proj.weight.data.div_(math.sqrt(2.0 * layer_id))
             block.mlp.fc2.weight.data.div_(math.sqrt(2.0 * layer_id))
 
+    def decays(self, name: str, p: torch.Tensor) -> bool:
+        """The official optimizer's rule (BEiT v2 / DTM optim_factory with the model's no_weight_decay()): weight
+        decay on every parameter with 2 or more dimensions except pos_embed and cls_token, so the mask token and
+        the relative position tables are decayed; never on biases and 1-D parameters (norms, LayerScale)."""
+        return p.ndim > 1 and not name.endswith(".bias") and name not in ("pos_embed", "cls_token")
+
     def layer_id(self, name: str) -> int:
         """0 for the embeddings, tokens and shared position table; i + 1 for block i; depth + 1 for the rest
         (norms and heads). Layer-wise lr decay scales each parameter's lr by its layer id."""
@@ -280,8 +286,12 @@ def infer_model_args(state: dict) -> dict:
 
 
 def as_our_checkpoint(ckpt: dict) -> dict:
-    """A checkpoint of this project unchanged; an official DTM / BEiT v2 checkpoint ({'model': ...}) or a
-    timm state dict (plain, or under 'model', 'module' or 'state_dict') as {'model', 'model_args'}."""
+    """Any checkpoint as {'model', 'model_args'} of a ViT: a pre-training or fine-tuning checkpoint of this
+    project unchanged; a linear probe's or a segmenter's backbone; an official DTM / BEiT v2 checkpoint
+    ({'model': ...}) or a timm state dict (plain, or under 'model', 'module' or 'state_dict')."""
+    if ckpt.get("probe") or "backbone_args" in ckpt:  # the ViT inside a linear probe or a segmenter
+        backbone = {k[len("backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
+        return {"model": backbone, "model_args": ckpt.get("backbone_args") or ckpt["model_args"]}
     if "model_args" in ckpt:
         return ckpt
     state = next((ckpt[k] for k in ("model", "module", "state_dict") if isinstance(ckpt.get(k), dict)), ckpt)
@@ -333,7 +343,7 @@ def resize_abs_pos_embed(pos_embed: torch.Tensor, grid) -> torch.Tensor:
 def load_backbone(model: VisionTransformer, ckpt: dict, log=print) -> None:
     """Load a checkpoint of this project, or an official DTM / BEiT v2 / timm BEiT one (as_our_checkpoint),
     into `model` (see backbone_state_dict), refusing one of another model size with the list of mismatched
-    shapes, and reporting missing and unexpected keys."""
+    shapes, or one that leaves any backbone weight at its init; reporting missing and unexpected keys."""
     ckpt = as_our_checkpoint(ckpt)
     args = ckpt["model_args"]
     grid = (args["img_size"] // args["patch_size"],) * 2
@@ -343,6 +353,11 @@ def load_backbone(model: VisionTransformer, ckpt: dict, log=print) -> None:
                   for k, v in state.items() if k in own and v.shape != own[k].shape]
     if mismatched:
         raise ValueError("checkpoint does not fit this model (another model size?):\n  " + "\n  ".join(mismatched))
+    left = [k for k in own if k not in state and not k.startswith(("head.", "fc_norm."))]
+    if left:  # a backbone left (partly) at its random init would train silently from scratch
+        raise ValueError(f"the checkpoint leaves {len(left)} of the model's {len(own)} tensors at random init, e.g. "
+                         f"{', '.join(left[:4])}; it holds {', '.join(sorted({k.split('.')[0] for k in state}))} "
+                         f"(another depth or architecture?)")
     missing, unexpected = model.load_state_dict(state, strict=False)
     log(f"loaded backbone: missing keys {missing or 'none'}; unexpected keys {unexpected or 'none'}")
 
@@ -433,6 +448,12 @@ class UperNetSegmenter(nn.Module):
         self.fpn4 = nn.MaxPool2d(2)  # x1/2
         self.decode_head = UperHead(dim, channels, num_classes, dropout=dropout)
         self.aux_head = FCNHead(dim, aux_channels, num_classes, dropout=dropout)
+
+    def decays(self, name: str, p: torch.Tensor) -> bool:
+        """The backbone's rule for its parameters (so its class token stays exempt); the rest as BEiT v2."""
+        if name.startswith("backbone."):
+            return self.backbone.decays(name[len("backbone."):], p)
+        return p.ndim > 1 and not name.endswith(".bias")
 
     def layer_id(self, name: str) -> int:
         """The backbone's layer ids; the adapters and heads sit above the last block (lr scale 1)."""

@@ -12,19 +12,16 @@ already holds ckpt.pt resumes from it, at the iteration where it stopped.
 import contextlib
 import os
 import time
-from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from torchvision import tv_tensors
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
 
 import common
-from configurator import Range, at_least, configure, settings_of
-from demo_data import SHAPES, TEXTURES, make_demo_dataset
+import data
+import plot
+from configurator import Range, at_least, configure
+from data import IGNORE
+from demo_data import make_demo_dataset
 from model import SIZES, UperNetSegmenter, VisionTransformer, checkpoint_model_args, default_out_indices, \
     load_backbone
 
@@ -33,7 +30,7 @@ from model import SIZES, UperNetSegmenter, VisionTransformer, checkpoint_model_a
 out_dir = "out/segment"
 data_dir = "data/ade20k/ADEChallengeData2016"  # holds images/{training,validation}, annotations/{...}
 demo_data = ""  # if set: generate the offline demo dataset here first (data_dir: <it>/ADEChallengeData2016)
-init_from = ""  # a checkpoint of this project (pre-training, fine-tuning or segmentation); '' = random init
+init_from = ""  # a checkpoint of this project (pre-training, fine-tuning, probe, segmentation); '' = random init
 eval_only = False  # evaluate init_from (a segmentation checkpoint) or out_dir/ckpt.pt, print the table, exit
 # backbone: the architecture comes from init_from; these are for random init only
 model = "base"  # tiny, small, base, large
@@ -92,242 +89,7 @@ RULES = {"model": tuple(SIZES),
          **dict.fromkeys(("depth", "aux_weight", "warmup_iters", "lr", "min_lr", "power", "grad_clip", "workers",
                           "max_iters"), at_least(0))}
 
-IGNORE = 255
 WARMUP_RATIO = 1e-6  # mmcv's linear warmup starts at this fraction of the lr
-ADE20K_CLASSES = (
-    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
-    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
-    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
-    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
-    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand",
-    "path", "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge",
-    "bookcase", "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove",
-    "palm", "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus",
-    "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver",
-    "airplane", "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle",
-    "buffet", "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything",
-    "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven",
-    "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal", "bicycle", "lake",
-    "dishwasher", "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray",
-    "ashcan", "fan", "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator",
-    "glass", "clock", "flag")
-
-
-# --------------------------------------------------------------------------------------------------- data
-def reduce_zero_label(label: torch.Tensor) -> torch.Tensor:
-    """ADE20K's 0 means 'other' and is not scored: 0 -> 255 (ignored), k -> k - 1."""
-    label = label.long() - 1
-    return torch.where(label < 0, IGNORE, label)
-
-
-def rescale_size(h: int, w: int, scale) -> tuple[int, int]:
-    """mmcv's imrescale: the largest size with the same aspect ratio whose long side fits max(scale) and short
-    side fits min(scale)."""
-    factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
-    return int(h * factor + 0.5), int(w * factor + 0.5)
-
-
-def crop_is_varied(label: torch.Tensor, cat_max_ratio: float) -> bool:
-    """mmseg's crop rule: at least 2 classes among the scored pixels, none covering cat_max_ratio or more."""
-    counts = torch.bincount(label[label != IGNORE].flatten().long())
-    counts = counts[counts > 0]
-    return len(counts) > 1 and counts.max().item() / counts.sum().item() < cat_max_ratio
-
-
-class RandomRescale(v2.Transform):
-    """mmseg's Resize with ratio_range: scale times a random ratio, then rescale keeping the aspect ratio.
-    Bilinear without antialiasing for the image (as cv2), nearest for the mask (v2 does that for Masks)."""
-
-    def __init__(self, scale, ratio_range):
-        super().__init__()
-        self.scale, self.ratio_range = scale, ratio_range
-
-    def make_params(self, flat_inputs):
-        lo, hi = self.ratio_range
-        ratio = lo + (hi - lo) * torch.rand(()).item()
-        h, w = v2.query_size(flat_inputs)
-        return {"size": rescale_size(h, w, (int(self.scale[0] * ratio), int(self.scale[1] * ratio)))}
-
-    def transform(self, inpt, params):
-        return TF.resize(inpt, list(params["size"]), interpolation=v2.InterpolationMode.BILINEAR, antialias=False)
-
-
-class RandomCropVaried(v2.Transform):
-    """mmseg's RandomCrop with cat_max_ratio: a random crop_size crop (smaller images: the whole side), drawn
-    again, up to 10 times, while one class dominates it (crop_is_varied); after that the last draw is kept."""
-
-    def __init__(self, size: int, cat_max_ratio: float):
-        super().__init__()
-        self.size, self.cat_max_ratio = size, cat_max_ratio
-
-    def _box(self, h, w):
-        top = torch.randint(0, max(h - self.size, 0) + 1, ()).item()
-        left = torch.randint(0, max(w - self.size, 0) + 1, ()).item()
-        return top, left, min(self.size, h), min(self.size, w)
-
-    def make_params(self, flat_inputs):
-        h, w = v2.query_size(flat_inputs)
-        mask = next(x for x in flat_inputs if isinstance(x, tv_tensors.Mask))
-        box = self._box(h, w)
-        if self.cat_max_ratio < 1.0:
-            for _ in range(10):
-                top, left, ch, cw = box
-                if crop_is_varied(mask[..., top:top + ch, left:left + cw], self.cat_max_ratio):
-                    break
-                box = self._box(h, w)
-        return dict(zip(("top", "left", "height", "width"), box))
-
-    def transform(self, inpt, params):
-        return TF.crop(inpt, **params)
-
-
-class PhotometricDistortion(v2.Transform):
-    """mmseg's PhotoMetricDistortion on a uint8 image, each step with probability 1/2: brightness + U(-32, 32);
-    contrast x U(0.5, 1.5) before or after the colour steps; HSV saturation x U(0.5, 1.5); hue + an integer in
-    -18..17 degrees-of-180 (OpenCV units; mmseg's np.random.randint(-18, 18) excludes 18)."""
-    _transformed_types = (tv_tensors.Image,)
-
-    @staticmethod
-    def _coin():
-        return torch.rand(()).item() < 0.5
-
-    @staticmethod
-    def _uniform(lo, hi):
-        return lo + (hi - lo) * torch.rand(()).item()
-
-    @staticmethod
-    def _hue_shift() -> int:
-        return torch.randint(-18, 18, ()).item()  # -18..17, as mmseg
-
-    def transform(self, inpt, params):
-        img = inpt.as_subclass(torch.Tensor).float()
-        if self._coin():
-            img = (img + self._uniform(-32, 32)).clamp(0, 255)
-        contrast_first = self._coin()
-        if contrast_first and self._coin():
-            img = (img * self._uniform(0.5, 1.5)).clamp(0, 255)
-        if self._coin():
-            img = scale_saturation(img, self._uniform(0.5, 1.5))
-        if self._coin():
-            img = TF.adjust_hue(img / 255, self._hue_shift() / 180) * 255
-        if not contrast_first and self._coin():
-            img = (img * self._uniform(0.5, 1.5)).clamp(0, 255)
-        return tv_tensors.Image(img.round().to(torch.uint8))
-
-
-def scale_saturation(img: torch.Tensor, factor: float) -> torch.Tensor:
-    """Multiply HSV saturation by `factor` (capped at 1), keeping hue and value. Each channel is
-    c = V (1 - S f(H)), so scaling S scales V - c; the cap keeps the smallest channel at >= 0."""
-    v = img.max(dim=0, keepdim=True).values
-    s = (v - img.min(dim=0, keepdim=True).values) / v.clamp(min=1e-6)
-    factor = torch.minimum(torch.full_like(s, factor), 1 / s.clamp(min=1e-6))
-    return v - (v - img) * factor
-
-
-class PadTo(v2.Transform):
-    """Pad bottom and right to size x size: the (normalised) image with 0, the mask with 255 (ignored)."""
-
-    def __init__(self, size: int):
-        super().__init__()
-        self.size = size
-
-    def make_params(self, flat_inputs):
-        h, w = v2.query_size(flat_inputs)
-        return {"padding": [0, 0, max(self.size - w, 0), max(self.size - h, 0)]}
-
-    def transform(self, inpt, params):
-        return TF.pad(inpt, params["padding"], fill=IGNORE if isinstance(inpt, tv_tensors.Mask) else 0)
-
-
-def train_transform(crop: int, scale, ratio_range, cat_max_ratio: float) -> v2.Compose:
-    return v2.Compose([
-        RandomRescale(scale, ratio_range),
-        RandomCropVaried(crop, cat_max_ratio),
-        v2.RandomHorizontalFlip(),
-        PhotometricDistortion(),
-        v2.ToDtype(torch.float32, scale=True),  # images only
-        v2.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD),
-        PadTo(crop),
-    ])
-
-
-class Rescale(RandomRescale):
-    """The evaluation resize: RandomRescale without the random ratio."""
-
-    def __init__(self, scale):
-        super().__init__(scale, (1.0, 1.0))
-
-    def make_params(self, flat_inputs):
-        return {"size": rescale_size(*v2.query_size(flat_inputs), self.scale)}
-
-
-def eval_transform(scale) -> v2.Compose:
-    """Rescale keeping the ratio (short side to min(scale) unless the long side hits max(scale)), normalise."""
-    return v2.Compose([Rescale(scale), v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)])
-
-
-def find_root(path: str) -> str:
-    """The folder holding images/ and annotations/; `path` may also be the folder above ADEChallengeData2016."""
-    for root in (path, os.path.join(path, "ADEChallengeData2016")):
-        if os.path.isdir(os.path.join(root, "images")) and os.path.isdir(os.path.join(root, "annotations")):
-            return root
-    what = "does not exist" if not os.path.isdir(path) else "has no images/ and annotations/ folders"
-    raise FileNotFoundError(f"data_dir={path!r} {what}; expected the ADE20K layout <data_dir>/images/"
-                            f"{{training,validation}}/<name>.jpg with <data_dir>/annotations/{{training,validation}}/"
-                            f"<name>.png (the ADEChallengeData2016 folder of the official zip)")
-
-
-class ADE20K(torch.utils.data.Dataset):
-    """(image, label) pairs of one split. Training: the augmented crop [3, crop, crop] (normalised) and its
-    labels [crop, crop]; evaluation: the rescaled image and the labels at the original size. Training wraps it
-    in common.SeededSamples, which seeds each sample's augmentation by (seed, epoch, index)."""
-
-    def __init__(self, root: str, split: str, num_classes: int, transform):
-        image_dir, label_dir = os.path.join(root, "images", split), os.path.join(root, "annotations", split)
-        if not os.path.isdir(image_dir):
-            raise FileNotFoundError(f"{image_dir!r} does not exist; expected {root}/images/{split}/<name>.jpg")
-        names = sorted(f for f in os.listdir(image_dir) if f.lower().endswith(common.IMG_EXTENSIONS))
-        if not names:
-            raise FileNotFoundError(f"no images in {image_dir!r} (extensions {', '.join(common.IMG_EXTENSIONS)})")
-        self.samples = [(os.path.join(image_dir, f), os.path.join(label_dir, os.path.splitext(f)[0] + ".png"))
-                        for f in names]
-        missing = [(img, ann) for img, ann in self.samples if not os.path.isfile(ann)]
-        if missing:
-            raise FileNotFoundError(f"{len(missing)} image(s) in {image_dir} have no annotation file; the first: "
-                                    f"{missing[0][0]} needs {missing[0][1]}")
-        self.num_classes, self.transform = num_classes, transform
-        self.train = split == "training"
-
-    def __len__(self):
-        return len(self.samples)
-
-    def load(self, i: int) -> tuple[tv_tensors.Image, torch.Tensor]:
-        """The image (uint8 [3, H, W]) and its labels mapped to 0..num_classes-1 and 255 ([H, W], int64)."""
-        image_path, label_path = self.samples[i]
-        try:
-            with Image.open(image_path) as im:
-                image = TF.pil_to_tensor(im.convert("RGB"))
-            with Image.open(label_path) as im:
-                label = np.array(im)  # 'L' or 'P' (palette indices are the labels)
-        except (OSError, RuntimeError) as e:
-            raise RuntimeError(f"cannot read {image_path} or {label_path}: {e}") from e
-        if label.ndim != 2:
-            raise ValueError(f"{label_path}: expected a single-channel label map, got shape {label.shape}")
-        if label.shape != tuple(image.shape[-2:]):
-            raise ValueError(f"{label_path} is {label.shape[1]}x{label.shape[0]} but its image {image_path} is "
-                             f"{image.shape[2]}x{image.shape[1]}")
-        if label.max() > self.num_classes:
-            raise ValueError(f"{label_path} has label {label.max()} > num_classes={self.num_classes}; labels must be "
-                             f"0 (ignored) or 1..{self.num_classes} (set num_classes to your dataset's class count)")
-        return tv_tensors.Image(image), reduce_zero_label(torch.from_numpy(label.astype(np.int64)))
-
-    def __getitem__(self, i):
-        image, label = self.load(i)
-        if not self.train:
-            return self.transform(image).as_subclass(torch.Tensor), label
-        image, mask = self.transform(image, tv_tensors.Mask(label.to(torch.uint8)))
-        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).long()
 
 
 # --------------------------------------------------------------------------------------------------- model
@@ -374,7 +136,7 @@ def build_segmenter(cfg, dist_: common.Dist):
             raise SystemExit(f"init_from={cfg.init_from!r} is a segmenter of another shape:\n  " + "\n  ".join(diff))
         net = UperNetSegmenter(VisionTransformer(**args), **head_args)
         net.load_state_dict(ckpt["model"])
-        dist_.print(f"loaded segmenter {cfg.init_from} (iteration {ckpt.get('step')})")
+        dist_.print(f"segmenter: {describe(args, head_args)}, loaded from {cfg.init_from} (iteration {ckpt.get('step')})")
         return net, args, head_args
     if cfg.eval_only:
         raise SystemExit(f"eval_only needs a segmentation checkpoint (best.pt or ckpt.pt of segment.py), but "
@@ -398,7 +160,17 @@ def build_segmenter(cfg, dist_: common.Dist):
             load_backbone(net.backbone, ckpt, log=dist_.print)
         except ValueError as e:
             raise SystemExit(f"init_from={cfg.init_from!r}: {e}") from e
+    source = f"backbone from {cfg.init_from} (its architecture: the settings model and depth are for random init)" \
+        if ckpt is not None else "random backbone"
+    dist_.print(f"segmenter: {describe(args, head_args)}, {source}")
     return net, args, head_args
+
+
+def describe(args: dict, head_args: dict) -> str:
+    """What was built, in a line."""
+    return (f"ViT of width {args['embed_dim']}, depth {args['depth']}, patch {args['patch_size']}, {args['img_size']}-px "
+            f"crops, blocks {head_args['out_indices']} into UperNet ({head_args['channels']} channels, "
+            f"{head_args['num_classes']} classes)")
 
 
 def build_from(cfg, ckpt: dict, path: str):
@@ -464,15 +236,19 @@ def metrics(stats: torch.Tensor) -> dict:
             "IoU": (100 * iou).tolist(), "Acc": (100 * acc).tolist()}
 
 
-def evaluate(net, dataset: ADE20K, dist_: common.Dist, n_classes: int, crop_size: int, stride: int,
-             workers: int = 0, autocast: bool = False) -> dict:
+def evaluate(net, dataset: data.ADE20K, dist_: common.Dist, n_classes: int, crop_size: int, stride: int,
+             workers: int = 0, autocast: bool = False, stop: common.StopOnSignal | None = None) -> dict | None:
     """Each rank scores its share of the images (every image exactly once); counts are summed over ranks.
-    In fp32 unless `autocast` (BEiT v2 evaluates in fp32: bf16 would round the position bias and the logits)."""
+    In fp32 unless `autocast` (BEiT v2 evaluates in fp32: bf16 would round the position bias and the logits).
+    A stop asked for meanwhile (`stop`) ends it early: None, and the evaluation is run again on resume."""
     net.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, sampler=range(dist_.rank, len(dataset), dist_.world_size),
                                          num_workers=workers)
     stats = torch.zeros(4, n_classes, dtype=torch.int64, device=dist_.device)
-    for image, label in common.progress(loader, dist_, desc="eval", unit="img", leave=False):
+    every_rank_has = len(dataset) // dist_.world_size  # images each rank scores: where all ranks can agree to stop
+    for i, (image, label) in enumerate(common.progress(loader, dist_, desc="eval", unit="img", leave=False)):
+        if stop is not None and i < every_rank_has and stop.now():
+            return None
         with dist_.autocast() if autocast else contextlib.nullcontext():
             logits = slide_inference(net, image.to(dist_.device), crop_size, stride)
         pred = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
@@ -496,27 +272,20 @@ def check_batchnorm_batch(batch_size: int, micro_batch_size: int, world_size: in
             f"--micro_batch_bn=True to train with BatchNorm over micro-batches knowingly.")
 
 
-def class_names(n: int) -> list[str]:
-    if n == len(ADE20K_CLASSES):
-        return list(ADE20K_CLASSES)
-    if n == len(TEXTURES) + len(SHAPES):
-        return [f"texture:{t}" for t in TEXTURES] + [f"shape:{s}" for s in SHAPES]
-    return [f"class {k}" for k in range(n)]
-
-
-def format_table(result: dict) -> str:
+def format_table(result: dict, names: list[str]) -> str:
     rows = [f"{'class':<22} {'IoU':>7} {'Acc':>7}"]
-    for name, iou, acc in zip(class_names(len(result["IoU"])), result["IoU"], result["Acc"]):
+    for name, iou, acc in zip(names, result["IoU"], result["Acc"]):
         rows.append(f"{name:<22} {iou:7.2f} {acc:7.2f}")
     rows.append(f"mIoU {result['mIoU']:.2f}  mAcc {result['mAcc']:.2f}  aAcc {result['aAcc']:.2f}")
     return "\n".join(rows)
 
 
-def final_report(result: dict, best_miou: float, out_dir: str, dist_: common.Dist, metrics: common.Metrics) -> dict:
+def final_report(result: dict, best_miou: float, names: list[str], out_dir: str, dist_: common.Dist,
+                 metrics: plot.Metrics) -> dict:
     """The result is the last evaluation (the weights in ckpt.pt), as BEiT v2 reports it. The best mIoU over all
     evaluations (best.pt) is extra information only: a maximum over noisy evaluations is biased upwards."""
     if dist_.is_main:
-        print(format_table(result), flush=True)
+        print(format_table(result, names), flush=True)
         print(f"result (final evaluation, {out_dir}/ckpt.pt): mIoU {result['mIoU']:.2f}; best over the evaluations "
               f"{best_miou:.2f} ({out_dir}/best.pt, extra information, biased upwards)", flush=True)
     metrics.log({"final_mIoU": result["mIoU"], "final_mAcc": result["mAcc"], "final_aAcc": result["aAcc"],
@@ -525,152 +294,170 @@ def final_report(result: dict, best_miou: float, out_dir: str, dist_: common.Dis
 
 
 # ----------------------------------------------------------------------------------------------------- main
-def settings(**overrides) -> SimpleNamespace:
-    """This script's default settings with `overrides` applied: the `cfg` that main() takes."""
-    return common.settings(settings_of(globals()), overrides, "segment.py")
+def check_settings(cfg, dist_: common.Dist, sync_bn: bool):
+    """Settings that cannot work together, refused before any work, each naming the fix."""
+    if cfg.init_from and not os.path.isfile(cfg.init_from):
+        raise SystemExit(f"init_from={cfg.init_from!r} does not exist (a checkpoint of pretrain.py, finetune.py or "
+                         f"segment.py; '' starts from a random backbone)")
+    if not cfg.demo_data:
+        ade20k_root(cfg.data_dir)  # a wrong data_dir is refused before out_dir is made
+    if cfg.eval_only:
+        return
+    if cfg.micro_batch_size < 2 and not sync_bn:
+        raise SystemExit("micro_batch_size=1 without SyncBatchNorm: BatchNorm needs 2 images (use 2 or more)")
+    check_batchnorm_batch(cfg.batch_size, cfg.micro_batch_size, dist_.world_size, sync_bn, cfg.micro_batch_bn)
+
+
+def ade20k_root(data_dir: str) -> str:
+    try:
+        return data.find_root(data_dir)
+    except FileNotFoundError as e:
+        raise SystemExit(f"data error: {e}") from None
 
 
 def evaluate_only(cfg, segmenter, val_set, dist_: common.Dist, source: str) -> dict:
     """eval_only: score the loaded segmenter, print the per-class table, log it in out_dir/log.jsonl."""
     result = evaluate(segmenter, val_set, dist_, cfg.num_classes, cfg.crop_size, cfg.eval_stride, cfg.workers,
                       cfg.eval_autocast)
-    dist_.print(format_table(result))
+    dist_.print(format_table(result, val_set.classes))
     if dist_.is_main:
-        os.makedirs(cfg.out_dir, exist_ok=True)
         common.log_json(os.path.join(cfg.out_dir, "log.jsonl"), {"eval_only": source, **result})
-    dist_.close()
     return result
 
 
-def main(cfg: SimpleNamespace):
+def main(cfg):
     dist_ = common.Dist(cfg.device)
-    dev = dist_.device
+    sync_bn = dist_.world_size > 1 and dist_.device.type == "cuda"  # SyncBatchNorm runs on GPUs only
+    check_settings(cfg, dist_, sync_bn)
     accum = dist_.accumulation_steps(cfg.batch_size, cfg.micro_batch_size)
-    sync_bn = dist_.world_size > 1 and dev.type == "cuda"  # SyncBatchNorm runs on GPUs only
-    if cfg.micro_batch_size < 2 and not sync_bn and not cfg.eval_only:
-        raise SystemExit("micro_batch_size=1 without SyncBatchNorm: BatchNorm needs 2 images (use 2 or more)")
-    if not cfg.eval_only:
-        check_batchnorm_batch(cfg.batch_size, cfg.micro_batch_size, dist_.world_size, sync_bn, cfg.micro_batch_bn)
-    if cfg.demo_data:
-        dist_.on_main(make_demo_dataset, cfg.demo_data, seed=cfg.seed)
     try:
-        root = find_root(cfg.data_dir)
-        val_set = ADE20K(root, "validation", cfg.num_classes, eval_transform(cfg.scale))
-    except FileNotFoundError as e:
-        raise SystemExit(f"data error: {e}") from e
+        with common.OutDirLock(cfg.out_dir, dist_.is_main):  # writable, and this run's alone
+            if cfg.demo_data and dist_.is_main:
+                make_demo_dataset(cfg.demo_data, seed=cfg.seed)
+            dist_.barrier()
+            root = ade20k_root(cfg.data_dir)
+            try:
+                val_set = data.ADE20K(root, "validation", cfg.num_classes, data.segment_eval_transform(cfg.scale))
+                train_set = None if cfg.eval_only else data.ADE20K(root, "training", cfg.num_classes,
+                    data.segment_train_transform(cfg.crop_size, cfg.scale, cfg.ratio_range, cfg.cat_max_ratio))
+            except FileNotFoundError as e:
+                raise SystemExit(f"data error: {e}") from e
 
-    # Model: a resumed run's own checkpoint wins over init_from (the same random init on every rank).
-    common.seed_everything(cfg.seed)
+            # Model: a resumed run's own checkpoint wins over init_from (the same random init on every rank).
+            common.seed_everything(cfg.seed)
+            ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+            own = common.load_checkpoint(ckpt_path, "segment") if os.path.isfile(ckpt_path) and not (
+                cfg.eval_only and cfg.init_from) else None
+            segmenter, backbone_args, head_args = build_segmenter(cfg, dist_) if own is None else \
+                build_from(cfg, own, ckpt_path)
+            segmenter = segmenter.to(dist_.device)
+            if cfg.eval_only:
+                if own is not None:
+                    segmenter.load_state_dict(own["model"])
+                return evaluate_only(cfg, segmenter, val_set, dist_, cfg.init_from or ckpt_path)
+            if sync_bn:
+                segmenter = torch.nn.SyncBatchNorm.convert_sync_batchnorm(segmenter)
+            groups = common.param_groups(segmenter, cfg.weight_decay, cfg.layer_decay, len(segmenter.backbone.blocks))
+            optimizer = common.adamw(groups, cfg.lr, cfg.betas, cfg.eps, dist_.device)
+            loader = data.data_loader(data.SeededSamples(train_set, cfg.seed), cfg.micro_batch_size, dist_, train=True,
+                                      workers=cfg.workers, seed=cfg.seed)
+            steps_per_epoch = len(loader) // accum  # an incomplete accumulation at an epoch's end is dropped
+            if steps_per_epoch == 0:
+                raise SystemExit(f"{root} has {len(train_set)} training images, fewer than one batch of "
+                                 f"{cfg.batch_size}")
+            return train(cfg, dist_, loader, steps_per_epoch, accum, segmenter, optimizer, val_set,
+                         dict(backbone_args=backbone_args, head_args=head_args), own is not None)
+    finally:
+        dist_.close()
+
+
+def train(cfg, dist_, loader, steps_per_epoch, accum, segmenter, optimizer, val_set, shape: dict, resuming: bool):
+    """The training loop: one optimizer step (iteration) per iteration of the outer loop, one micro-batch per
+    iteration of the inner one; evaluations every eval_interval iterations and at the end (each after a
+    checkpoint), checkpoints every ckpt_interval iterations and when stopped."""
+    dev = dist_.device
     ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
-    out_lock = common.prepare_out_dir(cfg.out_dir, dist_.is_main)  # writable, not in use; held while the run lives
-    own = common.load_checkpoint(ckpt_path, "segment") if os.path.isfile(ckpt_path) and not (cfg.eval_only and cfg.init_from) \
-        else None
-    segmenter, backbone_args, head_args = build_segmenter(cfg, dist_) if own is None else \
-        build_from(cfg, own, ckpt_path)
-    segmenter = segmenter.to(dev)
-    if cfg.eval_only:
-        if own is not None:
-            segmenter.load_state_dict(own["model"])
-        return evaluate_only(cfg, segmenter, val_set, dist_, cfg.init_from or ckpt_path)
-
-    # Data: each image's rescale, crop, flip and photometric distortion are drawn from (seed, epoch, index).
-    try:
-        train_set = ADE20K(root, "training", cfg.num_classes,
-                           train_transform(cfg.crop_size, cfg.scale, cfg.ratio_range, cfg.cat_max_ratio))
-    except FileNotFoundError as e:
-        raise SystemExit(f"data error: {e}") from e
-    loader = common.data_loader(common.SeededSamples(train_set, cfg.seed), cfg.micro_batch_size, dist_, train=True,
-                                workers=cfg.workers, seed=cfg.seed)
-    steps_per_epoch = len(loader) // accum
-    if steps_per_epoch == 0:
-        raise SystemExit(f"{root} has {len(train_set)} training images, fewer than one batch of {cfg.batch_size}")
-    if sync_bn:
-        segmenter = torch.nn.SyncBatchNorm.convert_sync_batchnorm(segmenter)
-    groups = common.param_groups(segmenter, cfg.weight_decay, cfg.layer_decay, len(segmenter.backbone.blocks))
-    optimizer = common.adamw(groups, cfg.lr, cfg.betas, cfg.eps, dev)
-
-    # Resume: weights, optimizer, iteration and the evaluations done so far.
-    ckpt = common.resume(ckpt_path, segmenter, optimizer, dist_, "segment", unit="iteration",
-                         backbone_args=backbone_args, head_args=head_args) if own is not None else None
+    ckpt = common.resume(ckpt_path, segmenter, optimizer, dist_, "segment", unit="iteration", **shape) \
+        if resuming else None
     step = ckpt["step"] if ckpt else 0
     state = {k: ckpt[k] for k in ("best_miou", "evaluated", "result")} if ckpt else \
         {"best_miou": -1.0, "evaluated": 0, "result": None}
     last_step = min(cfg.iters, cfg.max_iters) if cfg.max_iters else cfg.iters
     net = dist_.wrap(segmenter, cfg.compile)
-    extra = dict(config=vars(cfg), backbone_args=backbone_args, head_args=head_args, stage="segment")
-    sums, aux_sum, t0 = torch.zeros(2, device=dev), torch.zeros((), device=dev), time.time()
-    check = 0.0  # the loss of the weights in hand: those of a saved checkpoint were checked when it was saved
-    if step >= last_step and not (state["evaluated"] < step and (step % cfg.eval_interval == 0 or step == cfg.iters)):
+    metrics = plot.Metrics(cfg.out_dir, cfg, dist_.is_main, __file__)  # log.jsonl, and wandb / TensorBoard
+    extra = dict(config=vars(cfg), **shape, stage="segment", code=metrics.code)
+    evaluation_due = lambda: state["evaluated"] < step and (step % cfg.eval_interval == 0 or step == cfg.iters)
+    if step >= last_step and not evaluation_due():
         dist_.print(f"finished: nothing to train ({ckpt_path} is at iteration {step} of {last_step}, evaluated; "
                     f"raise iters or max_iters to train on)")
-    metrics = common.Metrics(cfg.out_dir, cfg, dist_.is_main)  # log.jsonl, and wandb / TensorBoard if asked
+    dist_.print(f"{len(loader.dataset)} training images, batch {cfg.batch_size} = {cfg.micro_batch_size} x {accum} "
+                f"micro-batches x {dist_.world_size} processes; {steps_per_epoch} iterations per epoch")
+    sums, aux_sum, t0 = torch.zeros(2, device=dev), torch.zeros((), device=dev), time.time()
+    check = 0.0  # the loss of the weights in hand: those of a saved checkpoint were checked when it was saved
     bar = common.progress(None, dist_, desc="iter", unit="it", total=last_step, initial=step)  # all iterations
 
-    with common.StopOnSignal() as stop:
+    with common.StopOnSignal(ckpt_path, dist_) as stop:
+        batches = None
         while True:
-            if state["evaluated"] < step and (step % cfg.eval_interval == 0 or step == cfg.iters):
-                result = evaluate(segmenter, val_set, dist_, cfg.num_classes, cfg.crop_size, cfg.eval_stride,
-                                  cfg.workers, cfg.eval_autocast)
-                dist_.print(f"iteration {step}: mIoU {result['mIoU']:.2f}, mAcc {result['mAcc']:.2f}, "
-                            f"aAcc {result['aAcc']:.2f}")
-                metrics.log({"iter": step, **result, "time": time.time()})
-                if result["mIoU"] > state["best_miou"]:  # best.pt: the weights alone (a run resumes from ckpt.pt)
-                    common.save_state(best_path, dist_, segmenter, None, step, check, mIoU=result["mIoU"], **extra)
-                state.update(best_miou=max(state["best_miou"], result["mIoU"]), evaluated=step, result=result)
-                common.save_state(ckpt_path, dist_, segmenter, optimizer, step, check, **extra, **state)
-            if step >= last_step or stop.now(dist_, sync_point=True):  # also a stop asked for while evaluating
-                break
-
-            epoch, skip = common.position(step, steps_per_epoch, accum)
-            segmenter.train()
-            for micro, (images, labels) in enumerate(common.epoch_batches(loader, epoch, cfg.seed, skip), start=skip):
-                images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
-                common.seed_step(cfg.seed, dist_.rank, step, micro % accum)  # dropout, drop path: by position
-                last_micro = (micro + 1) % accum == 0
-                with common.no_sync(net, dist_, sync=last_micro), dist_.autocast():
+            if batches is None:  # at the start, and after an epoch, an evaluation or a stop
+                if evaluation_due():
+                    result = evaluate(segmenter, val_set, dist_, cfg.num_classes, cfg.crop_size, cfg.eval_stride,
+                                      cfg.workers, cfg.eval_autocast, stop)
+                    if result is None:  # stopped: ckpt.pt (saved before) is at this iteration, not yet evaluated
+                        break
+                    dist_.print(f"iteration {step}: mIoU {result['mIoU']:.2f}, mAcc {result['mAcc']:.2f}, "
+                                f"aAcc {result['aAcc']:.2f}")
+                    metrics.log({"iter": step, **result, "time": time.time()})
+                    if result["mIoU"] > state["best_miou"]:  # best.pt: the weights alone (runs resume from ckpt.pt)
+                        common.save_state(best_path, dist_, segmenter, None, step, check, mIoU=result["mIoU"], **extra)
+                    state.update(best_miou=max(state["best_miou"], result["mIoU"]), evaluated=step, result=result)
+                    common.save_state(ckpt_path, dist_, segmenter, optimizer, step, check, **extra, **state)
+                if step >= last_step or stop.now():  # also a stop asked for while evaluating
+                    break
+                epoch, done = divmod(step, steps_per_epoch)
+                batches = iter(data.epoch_batches(loader, epoch, cfg.seed, skip=done * accum))
+                segmenter.train()
+            common.set_lr(optimizer, poly_lr(step, cfg.iters, cfg.warmup_iters, cfg.lr, cfg.power, cfg.min_lr))
+            for micro in range(accum):
+                images, labels = (x.to(dev, non_blocking=True) for x in next(batches))
+                common.seed_everything(common.seed_of(cfg.seed, dist_.rank, step, micro))  # dropout, drop path
+                with dist_.no_sync(net, sync=micro == accum - 1), dist_.autocast():
                     logits, aux_logits = net(images, with_aux=True)
                     loss, _, aux = seg_loss(logits, aux_logits, labels, cfg.aux_weight)
                     (loss / accum).backward()
                 sums += torch.stack([loss.detach().float(), torch.ones((), device=dev)])
                 aux_sum += aux.detach()
-                if not last_micro:
-                    continue
-                lr = poly_lr(step, cfg.iters, cfg.warmup_iters, cfg.lr, cfg.power, cfg.min_lr)
-                common.set_lr(optimizer, lr)
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(segmenter.parameters(), cfg.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                bar.update()
-                log_step = step % cfg.log_interval == 0 or step == last_step
-                if log_step:  # a GPU sync: only every log_interval steps
-                    mean, count = common.mean_loss(sums, dist_, step, cfg.out_dir), sums[1].item()
-                    bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
-                    metrics.log({"iter": step, "loss": mean, "aux_loss": aux_sum.item() / count, "lr": lr,
-                                 "images_per_s": count * cfg.micro_batch_size * dist_.world_size / (time.time() - t0),
-                                 "time": time.time(), **({"max_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
-                                                         if dev.type == "cuda" else {})})
-                    sums, aux_sum, t0 = torch.zeros_like(sums), torch.zeros_like(aux_sum), time.time()
-                due = step % cfg.ckpt_interval == 0 or step % cfg.eval_interval == 0 or step == last_step
-                stopping = stop.now(dist_, sync_point=log_step)
-                if due or stopping or step % steps_per_epoch == 0:
-                    break  # an incomplete accumulation at the epoch's end is dropped
-
-            # Checkpoint every ckpt_interval iterations, before each evaluation, at the end and when stopped.
-            if due or stopping:
-                segmenter.eval()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(segmenter.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update()
+            log_step = step % cfg.log_interval == 0 or step == last_step
+            if log_step:  # a GPU sync: only every log_interval steps
+                mean, count = common.mean_loss(sums, dist_, step, cfg.out_dir), sums[1].item()
+                bar.set_postfix(loss=f"{mean:.4f}", lr=f"{optimizer.param_groups[-1]['lr']:.2e}")
+                metrics.log({"iter": step, "loss": mean, "aux_loss": aux_sum.item() / count,
+                             "lr": optimizer.param_groups[-1]["lr"], "time": time.time(),
+                             "images_per_s": count * cfg.micro_batch_size * dist_.world_size / (time.time() - t0),
+                             **({"max_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+                                if dev.type == "cuda" else {})})
+                sums, aux_sum, t0 = torch.zeros_like(sums), torch.zeros_like(aux_sum), time.time()
+            stopping = stop.now(sync_point=log_step)
+            if step % cfg.ckpt_interval == 0 or evaluation_due() or step == last_step or stopping:
+                segmenter.eval()  # checkpoint every ckpt_interval iterations, before each evaluation, at the end
                 with torch.no_grad(), dist_.autocast():  # the loss of the weights about to be saved
                     check = seg_loss(*segmenter(images, with_aux=True), labels, cfg.aux_weight)[0].item()
                 segmenter.train()
                 common.save_state(ckpt_path, dist_, segmenter, optimizer, step, check, **extra, **state)
+            if evaluation_due() or step == last_step or stopping or step % steps_per_epoch == 0:
+                batches = None
     bar.close()
-    dist_.close()
-    report = None if state["result"] is None else final_report(state["result"], state["best_miou"], cfg.out_dir,
-                                                                dist_, metrics)
+    report = None if state["result"] is None else final_report(
+        state["result"], state["best_miou"], val_set.classes, cfg.out_dir, dist_, metrics)
     metrics.close()  # and curves.png
     return report
 
 
 if __name__ == "__main__":
-    main(SimpleNamespace(**configure(globals(), rules=RULES)))
+    main(configure(globals(), rules=RULES))

@@ -1,6 +1,7 @@
 """Draw the token groups that DTM's matching finds on a teacher's tokens: the picture in README.md.
 
     python show_morph.py                                      # generated demo image, random ViT-B/16 teacher
+    python show_morph.py --out=docs/morph.png                 # the picture in README.md
     python show_morph.py --image=photo.jpg --out=morph.png --tokens="[196, 98, 49, 16]"
     python show_morph.py --teacher=out/pretrain_demo/ckpt.pt  # a checkpoint of this project as the teacher
     python show_morph.py --teacher=out/cifar/teacher/ckpt.pt --image=../shared/data/cifar10/test \
@@ -23,21 +24,21 @@ from PIL import Image, ImageDraw
 from torchvision.transforms import v2
 from torchvision.utils import draw_segmentation_masks, make_grid
 
-import common
-import pretrain
+import data
 from configurator import configure
 from demo_data import demo_image
 from morph import morph_groups, schedule_tensor
+from teacher import build_teacher, teacher_kind
 
 # ------------------------------------------------------------------------------------------------- settings
 image = ""  # an image file, or an ImageFolder (one row per class: its first image); '' = a generated image
 rows = 4  # rows drawn from an ImageFolder
 display_size = 0  # pixels per panel; 0: the teacher's input size (e.g. 128 shows a 32 px CIFAR image larger)
-out = "docs/morph.png"
+out = "morph.png"
 teacher = "ViT-B-16-quickgelu"  # an open_clip model name, or a checkpoint of this project
 teacher_pretrained = ""  # open_clip weights (a tag or a local file); '' = random init
 teacher_overrides = {}
-tokens = [196, 98, 49, 16]  # numbers of remaining tokens, one panel each
+tokens = []  # numbers of remaining tokens, one panel each; []: n, n/2, n/4 and n/12 of the teacher's n (196: 196, 98, 49, 16)
 rounds = 4  # matching rounds per schedule
 alpha = 0.45  # opacity of the colours
 seed = 0
@@ -56,14 +57,7 @@ def schedule_to(n: int, m: int, k: int) -> list[int]:
     return schedule
 
 
-def input_size(net) -> int:
-    if hasattr(net, "net"):  # a checkpoint of this project
-        return net.net.img_size
-    size = net.visual.image_size
-    return size[0] if isinstance(size, (tuple, list)) else size
-
-
-def load_image(size: int) -> torch.Tensor:
+def load_image(image: str, size: int, seed: int) -> torch.Tensor:
     """[3, size, size] uint8: the image file resized and centre-cropped, or a generated one."""
     if not image:  # 2x2 tiles of the demo dataset's images: four textures, four shapes
         rng = np.random.default_rng(seed)
@@ -79,11 +73,11 @@ def fit(picture: Image.Image, size: int) -> torch.Tensor:
     return v2.Compose([v2.PILToTensor(), v2.Resize(size, antialias=True), v2.CenterCrop(size)])(picture)
 
 
-def load_images(size: int) -> list[tuple[torch.Tensor, str]]:
+def load_images(image: str, rows: int, size: int, seed: int) -> list[tuple[torch.Tensor, str]]:
     """(image, label) per row: the first image of each of `rows` classes of an ImageFolder, or one image."""
     if not os.path.isdir(image):
-        return [(load_image(size), "image" if image else "generated image")]
-    folder = common.ImageFolder(image)
+        return [(load_image(image, size, seed), "image" if image else "generated image")]
+    folder = data.ImageFolder(image)
     first = {}
     for i, (_, label) in enumerate(folder.samples):
         first.setdefault(label, i)
@@ -97,7 +91,7 @@ def palette(n: int, rng: np.random.Generator) -> list[tuple[int, int, int]]:
     return [colours[i] for i in rng.permutation(n)]
 
 
-def draw_groups(img: torch.Tensor, groups: torch.Tensor, grid: int, rng) -> torch.Tensor:
+def draw_groups(img: torch.Tensor, groups: torch.Tensor, grid: int, rng, alpha: float) -> torch.Tensor:
     """The image with each group of `groups` [grid*grid] as one coloured region, borders in black."""
     size = img.shape[-1]
     patch = size // grid
@@ -119,45 +113,45 @@ def labelled(panel: torch.Tensor, text: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def main():
-    torch.manual_seed(seed)
-    dev = torch.device(device)
+def main(cfg):
+    torch.manual_seed(cfg.seed)
+    dev = torch.device(cfg.device)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # pretrain.py's banner for a random teacher: said below
-        net = pretrain.build_teacher(teacher, teacher_pretrained, teacher_overrides, dev).float()
-    if os.path.isfile(teacher):
-        which = f"checkpoint {teacher}"
-    elif teacher_pretrained:
-        which = f"open_clip {teacher} with weights {teacher_pretrained!r}"
+        warnings.simplefilter("ignore", UserWarning)  # the teacher's banner for a random teacher: said below
+        net = build_teacher(cfg.teacher, cfg.teacher_pretrained, cfg.teacher_overrides, dev).float()
+    if teacher_kind(cfg.teacher) == "checkpoint":
+        which = f"checkpoint {cfg.teacher}"
+    elif cfg.teacher_pretrained:
+        which = f"open_clip {cfg.teacher} with weights {cfg.teacher_pretrained!r}"
     else:
-        which = (f"open_clip {teacher}, RANDOMLY INITIALISED (groups follow raw pixel similarity, "
-                 f"not meaning)")
-    size = input_size(net)
-    rng = np.random.default_rng(seed)
-    panels = []
-    for row, (img, label) in enumerate(load_images(size)):
+        which = f"open_clip {cfg.teacher}, RANDOMLY INITIALISED (groups follow raw pixel similarity, not meaning)"
+    size = net.img_size
+    rng = np.random.default_rng(cfg.seed)
+    panels, counts = [], list(cfg.tokens)
+    for row, (img, label) in enumerate(load_images(cfg.image, cfg.rows, size, cfg.seed)):
         target = net(img[None].to(dev)).float()  # [1, N, C]
         n = target.shape[1]
         grid = math.isqrt(n)
-        img = v2.Resize(display_size or size, antialias=True)(img)  # drawn larger or smaller than the teacher saw it
+        counts = counts or [n, n // 2, n // 4, max(1, round(n / 12))]
+        bad = [m for m in counts if not 1 <= m <= n]
+        if bad:
+            raise SystemExit(f"tokens={cfg.tokens}: {bad} not between 1 and the teacher's {n} tokens; e.g. "
+                             f"--tokens=\"{[n, n // 2, n // 4, max(1, round(n / 12))]}\" (or leave it out)")
+        img = v2.Resize(cfg.display_size or size, antialias=True)(img)  # drawn larger or smaller than the teacher saw it
         panels.append(labelled(img, label))
-        for m in tokens:
-            if not 1 <= m <= n:
-                raise SystemExit(f"tokens: {m} is not between 1 and the teacher's {n} tokens")
-            schedule = schedule_to(n, m, rounds)
+        for m in counts:
+            schedule = schedule_to(n, m, cfg.rounds)
             groups = morph_groups(target, schedule_tensor([schedule], dev))[0, 0].cpu()
             assert groups.unique().numel() == m, (m, schedule)
-            panels.append(labelled(draw_groups(img, groups, grid, rng), f"{m} tokens"))
+            panels.append(labelled(draw_groups(img, groups, grid, rng, cfg.alpha), f"{m} tokens"))
             if row == 0:
                 print(f"{m:4d} tokens: schedule {schedule}")
-    picture = make_grid(torch.stack(panels), nrow=len(tokens) + 1, padding=PAD, pad_value=255)
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    Image.fromarray(picture.permute(1, 2, 0).numpy()).save(out, optimize=True)
-    print(f"teacher: {which}\nimage: {image or 'generated (2x2 demo images, seed %d)' % seed}, {size} px, "
-          f"{n} tokens, {len(panels) // (len(tokens) + 1)} row(s)\n"
-          f"wrote {out} ({picture.shape[2]}x{picture.shape[1]} px)")
+    picture = make_grid(torch.stack(panels), nrow=len(counts) + 1, padding=PAD, pad_value=255)
+    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
+    Image.fromarray(picture.permute(1, 2, 0).numpy()).save(cfg.out, optimize=True)
+    print(f"teacher: {which}\nimage: {cfg.image or 'generated (2x2 demo images, seed %d)' % cfg.seed}, {size} px, "
+          f"{n} tokens, {len(panels) // (len(counts) + 1)} row(s)\nwrote {cfg.out} ({picture.shape[2]}x{picture.shape[1]} px)")
 
 
 if __name__ == "__main__":
-    configure(globals())
-    main()
+    main(configure(globals()))

@@ -84,10 +84,8 @@ def pretrain_ckpt(demo_root, tmp_path_factory):
 
 def stage_settings(module, config_file, **overrides):
     """A stage script's settings as its main() gets them: defaults < config file < overrides (in-process runs)."""
-    from types import SimpleNamespace
-    from configurator import parse_args, settings_of
-    defaults = settings_of(vars(module))
-    return SimpleNamespace(**{**defaults, **parse_args([os.path.join(ROOT, config_file)], defaults), **overrides})
+    from configurator import settings
+    return settings(module, os.path.join(ROOT, config_file), **overrides)
 
 
 def stop_at_step(monkeypatch, k):

@@ -16,8 +16,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def sgd_instead_of_adamw(groups, lr, betas, eps=1e-8, device=None):
-    for g in groups:
-        g.pop("names", None)
     return torch.optim.SGD(groups, lr=lr, momentum=0.0)
 
 

@@ -8,10 +8,12 @@ import torch
 from PIL import Image
 
 import common
+import data
 import finetune
 import plot
-import pretrain
+import teacher
 from conftest import ROOT, run_script
+from configurator import settings
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # stages run one after another: one thread each wastes nothing
 
@@ -20,7 +22,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # stages run one after another: one threa
 def finetuned_checkpoint(path, seed=0):
     """A classifier as finetune.py saves it, with a non-trivial fc_norm (so a skipped norm would show)."""
     torch.manual_seed(seed)
-    cfg = finetune.settings(model="tiny", depth=2, img_size=32, patch_size=8)
+    cfg = settings(finetune, model="tiny", depth=2, img_size=32, patch_size=8)
     args = finetune.model_args(cfg, 10)
     net = finetune.build_model(args, None)
     with torch.no_grad():
@@ -33,26 +35,26 @@ def finetuned_checkpoint(path, seed=0):
 
 def classifier_patch_tokens(net, images_uint8):
     """The targets by hand: the last block's patch tokens through the classifier's own fc_norm."""
-    x = pretrain.normalize(images_uint8, common.IMAGENET_MEAN, common.IMAGENET_STD)
+    x = common.normalize(images_uint8, common.IMAGENET_MEAN, common.IMAGENET_STD)
     return net.fc_norm(net.forward_blocks(x)[0][:, 1:])
 
 
 def test_a_finetuned_checkpoint_as_teacher_gives_its_normed_last_block_patch_tokens(tmp_path):
     net = finetuned_checkpoint(tmp_path / "ft.pt").eval()
-    teacher = pretrain.CheckpointTeacher(str(tmp_path / "ft.pt")).eval()
+    net_teacher = teacher.CheckpointTeacher(str(tmp_path / "ft.pt")).eval()
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
-        targets = teacher(images)
+        targets = net_teacher(images)
         torch.testing.assert_close(targets, classifier_patch_tokens(net, images))
         other = classifier_patch_tokens(finetuned_checkpoint(tmp_path / "other.pt", seed=1).eval(), images)
-    assert targets.shape == (2, 16, 192) and teacher.out_dim == 192
+    assert targets.shape == (2, 16, 192) and net_teacher.out_dim == 192
     assert (targets - other).abs().mean() > 0.1  # another net's tokens are far off: the weights were loaded
 
 
 def test_init_from_a_finetuned_checkpoint_loads_its_weights(tmp_path):
     """Fine-tuned checkpoints hold probe=None: they are not linear-probe checkpoints (whose backbone is taken)."""
     saved = finetuned_checkpoint(tmp_path / "ft.pt")
-    net = finetune.build_model(finetune.model_args(finetune.settings(model="tiny", depth=2, img_size=32,
+    net = finetune.build_model(finetune.model_args(settings(finetune, model="tiny", depth=2, img_size=32,
                                                                      patch_size=8), 10), None)
     finetune.init_model(net, str(tmp_path / "ft.pt"), log=lambda *_: None)
     for name, tensor in saved.state_dict().items():
@@ -63,7 +65,7 @@ def test_a_linear_probe_checkpoint_as_teacher_is_refused_with_a_hint(tmp_path):
     common.save_checkpoint({"model": {}, "model_args": {"embed_dim": 8}, "probe": {"block": -1}},
                            str(tmp_path / "probe.pt"))
     with pytest.raises(SystemExit, match="linear probe: pass the checkpoint it probed"):
-        pretrain.CheckpointTeacher(str(tmp_path / "probe.pt"))
+        teacher.CheckpointTeacher(str(tmp_path / "probe.pt"))
 
 
 # ----------------------------------------------------------------------------------------------- the curves
@@ -121,12 +123,12 @@ def test_cifar10_folder_writes_torchvisions_cifar10_as_an_image_folder(tmp_path,
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
     root = ablation.cifar10_folder(str(tmp_path / "c10"))
-    train = common.ImageFolder(os.path.join(root, "train"))
+    train = data.ImageFolder(os.path.join(root, "train"))
     assert train.classes == ["airplane", "automobile"]
     assert [os.path.relpath(p, root) for p, _ in train.samples] == [
         "train/airplane/0000.jpg", "train/automobile/0000.jpg", "train/automobile/0001.jpg"]
     assert train[2][0].getpixel((5, 5))[2] > 180  # the image itself, through JPEG
-    assert len(common.ImageFolder(os.path.join(root, "test"))) == 3
+    assert len(data.ImageFolder(os.path.join(root, "test"))) == 3
     assert not any(n.endswith(".tmp") for n in os.listdir(root))
 
 
@@ -172,10 +174,10 @@ def test_ablation_end_to_end_on_real_cifar10_at_smoke_size(cifar10, tmp_path):
     ckpt = common.load_checkpoint(teacher_path)
     net = finetune.build_model(ckpt["model_args"], None)
     net.load_state_dict(ckpt["model"])
-    images = torch.stack([finetune.v2.PILToTensor()(common.ImageFolder(os.path.join(cifar10, "test"))[i][0])
+    images = torch.stack([finetune.v2.PILToTensor()(data.ImageFolder(os.path.join(cifar10, "test"))[i][0])
                           for i in (0, 5000)])
     with torch.no_grad():
-        targets = pretrain.CheckpointTeacher(str(teacher_path))(images)
+        targets = teacher.CheckpointTeacher(str(teacher_path))(images)
         torch.testing.assert_close(targets, classifier_patch_tokens(net.eval(), images))
         random_net = finetune.build_model(ckpt["model_args"], None).eval()
         assert (targets - classifier_patch_tokens(random_net, images)).abs().mean() > 0.05

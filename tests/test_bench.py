@@ -160,7 +160,7 @@ def test_picture_with_a_checkpoint_of_this_project_as_teacher(tmp_path, pretrain
     mean = torch.tensor(common.IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(common.IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
-        tokens = teacher((show_morph.load_image(64)[None].float() / 255 - mean) / std)
+        tokens = teacher((show_morph.load_image("", 64, show_morph.seed)[None].float() / 255 - mean) / std)
     groups = morph_groups(tokens, schedule_tensor([show_morph.schedule_to(64, 10, show_morph.rounds)]))[0, 0]
     pixels = groups.view(8, 8).repeat_interleave(8, 0).repeat_interleave(8, 1)
     border = torch.zeros(64, 64, dtype=torch.bool)

@@ -3,24 +3,18 @@ pre-trained checkpoint must transfer to the demo's texture labels better than ra
 import importlib
 import json
 import os
-from types import SimpleNamespace
 
 import torch
 
 from conftest import ROOT
-from configurator import parse_args, settings_of
+from configurator import settings
 
 
 def run_demo_stage(script: str, config: str, **overrides):
     """`python <script>.py config/<config> --key=value ...` in this process and the current folder, so that the
     config's own relative paths (data/demo, out/...) are the ones used."""
     module = importlib.import_module(script)
-    defaults = {**settings_of(vars(module)), **getattr(module, "FINETUNE_DEFAULTS", {})}
-    given = {**parse_args([os.path.join(ROOT, "config", config)], defaults, module.RULES), **overrides}
-    if script == "eval_transfer":
-        module.main({**defaults, **given}, set(given))
-    else:
-        module.main(SimpleNamespace(**{**defaults, **given}))
+    module.main(settings(module, os.path.join(ROOT, "config", config), **overrides))
 
 
 def top1(out_dir: str, dataset: str) -> float:

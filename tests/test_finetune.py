@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 import common
+import data
 import finetune
 from conftest import ROOT, run_script
+from configurator import settings
 from model import VisionTransformer, load_backbone
 
 TINY = dict(model="tiny", depth=2, img_size=64, patch_size=8)  # the conftest pre-training checkpoint's model
@@ -40,7 +42,8 @@ def test_layer_decay_scales_and_weight_decay_exemptions():
         for name, decays in BLOCK_PARAMS.items():
             expected[f"blocks.{block}.{name}"] = (scale, 0.05 if decays else 0.0)
     groups = common.param_groups(net, weight_decay=0.05, layer_decay=0.5, num_layers=2)
-    got = {name: (g["lr_scale"], g["weight_decay"]) for g in groups for name in g["names"]}
+    name_of = {id(p): name for name, p in net.named_parameters()}
+    got = {name_of[id(p)]: (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
     assert got == expected
     optimizer = common.adamw(groups, lr=1.0, betas=(0.9, 0.999))
     common.set_lr(optimizer, 2.0)  # each group's lr is the base lr times its scale
@@ -49,7 +52,7 @@ def test_layer_decay_scales_and_weight_decay_exemptions():
 
 # ------------------------------------------------------------------------------------------------ conversion
 def _classifier(**kw):
-    cfg = finetune.settings(**{**TINY, **kw})
+    cfg = settings(finetune, **{**TINY, **kw})
     return finetune.build_model(finetune.model_args(cfg, num_classes=10), None, cfg.init_scale)
 
 
@@ -122,7 +125,7 @@ def _hand_loss():
 
 def test_top1_top5_match_hand_computed_values():
     dist_ = common.Dist("cpu")
-    loader = common.data_loader(_index_dataset(), 3, dist_, train=False, workers=0)
+    loader = data.data_loader(_index_dataset(), 3, dist_, train=False, workers=0)
     metrics = finetune.evaluate(FixedLogits(), loader, dist_)
     assert metrics["samples"] == 7
     assert metrics["top1"] == pytest.approx(100 * 3 / 7)
@@ -134,7 +137,7 @@ def _eval_worker(rank, port, out_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     dist_ = common.Dist("cpu")
-    loader = common.data_loader(_index_dataset(), 2, dist_, train=False, workers=0)
+    loader = data.data_loader(_index_dataset(), 2, dist_, train=False, workers=0)
     seen = sorted(int(i) for images, _ in loader for i in images[:, 0])
     metrics = finetune.evaluate(FixedLogits(), loader, dist_)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -150,7 +153,7 @@ def test_two_process_gloo_evaluation_counts_each_sample_once(tmp_path):
     ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
     assert ranks[0]["seen"] == [0, 2, 4, 6] and ranks[1]["seen"] == [1, 3, 5]  # 7 samples, no duplicates
     dist_ = common.Dist("cpu")
-    single = finetune.evaluate(FixedLogits(), common.data_loader(_index_dataset(), 2, dist_, False, 0), dist_)
+    single = finetune.evaluate(FixedLogits(), data.data_loader(_index_dataset(), 2, dist_, False, 0), dist_)
     for r in ranks:  # every rank gets the all-reduced counts
         assert r["metrics"]["samples"] == 7
         assert r["metrics"]["top1"] == pytest.approx(single["top1"])
@@ -161,7 +164,7 @@ def test_two_process_gloo_evaluation_counts_each_sample_once(tmp_path):
 # ------------------------------------------------------------------------------------------- mixup / cutmix
 def test_mixup_cutmix_targets_are_distributions_and_f_cross_entropy_is_their_soft_cross_entropy():
     K, s, B = 5, 0.1, 4
-    mix = finetune.make_targets(finetune.settings(mixup=0.8, cutmix=1.0, mixup_switch_prob=0.5, smoothing=s), K)
+    mix = finetune.make_targets(settings(finetune, mixup=0.8, cutmix=1.0, mixup_switch_prob=0.5, smoothing=s), K)
     labels = torch.tensor([0, 1, 2, 4])
     kinds = set()
     for seed in range(16):
@@ -221,7 +224,7 @@ def test_demo_config_end_to_end(demo_run):
     last, best = common.load_checkpoint(os.path.join(out, "ckpt.pt")), common.load_checkpoint(os.path.join(out, "best.pt"))
     assert last["epoch"] == 2 and last["step"] == 14 and last["metrics"]["samples"] == 40
     assert best["metrics"]["top1"] == max(r["val_top1"] for r in log) == last["best_top1"]
-    assert set(last) >= {"model", "optimizer", "step", "epoch", "config", "model_args", "rng"}
+    assert set(last) >= {"model", "optimizer", "step", "epoch", "config", "model_args", "code"}
     assert "optimizer" not in best  # best.pt: weights only (a run resumes from ckpt.pt), as segment.py's
     assert Image.open(os.path.join(out, "curves.png")).size[0] > 0  # drawn from log.jsonl at the end
 
@@ -234,7 +237,7 @@ def test_a_finished_run_says_so_and_trains_nothing(demo_run, demo_root, pretrain
     cfg = stage_settings(finetune, "config/finetune_demo.py", demo_data="", data_dir=demo_root,
                          init_from=pretrain_ckpt, out_dir=done, depth=2, epochs=2, batch_size=16,
                          micro_batch_size=16, workers=0, device="cpu")
-    finetune.main(vars(cfg))
+    finetune.main(cfg)
     assert "finished: nothing to train" in capsys.readouterr().out
     assert (common.weights_digest(common.load_checkpoint(os.path.join(done, "ckpt.pt"))["model"]), _log(done)) == before
 
@@ -258,18 +261,18 @@ def test_eval_only_reproduces_the_logged_accuracy_without_a_train_folder(demo_ru
     ones) equal a count made here: best.pt's weights in a plain VisionTransformer, each image's logits sorted."""
     out, _ = demo_run
     shutil.copytree(os.path.join(demo_root, "val"), tmp_path / "data" / "val")  # the val split alone
-    cfg = finetune.settings(**TINY, init_from=os.path.join(out, "best.pt"), data_dir=str(tmp_path / "data"),
+    cfg = settings(finetune, **TINY, init_from=os.path.join(out, "best.pt"), data_dir=str(tmp_path / "data"),
                             out_dir=str(tmp_path / "eval"), eval_only=True, workers=0, micro_batch_size=16,
                             device="cpu")
-    _, val, classes = finetune.image_folders(demo_root, "train", "val")
+    _, val, classes = data.image_folders(demo_root, "train", "val")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the run that logged it: the same sums, bit for bit
     try:
-        finetune.main(vars(cfg))
+        finetune.main(cfg)
         best_ckpt = common.load_checkpoint(os.path.join(out, "best.pt"))
         net = VisionTransformer(**best_ckpt["model_args"]).eval()
         net.load_state_dict(best_ckpt["model"])
-        transform = finetune.eval_transform(cfg)
+        transform = data.finetune_eval_transform(cfg.img_size, cfg.crop_pct)
         top1 = top5 = 0
         with torch.no_grad():
             for start in range(0, len(val), 16):
@@ -289,7 +292,7 @@ def test_eval_only_reproduces_the_logged_accuracy_without_a_train_folder(demo_ru
     best = max(_log(out), key=lambda r: r["val_top1"])
     assert (best["val_top1"], best["val_top5"]) == pytest.approx(expected[:2])
     with pytest.raises(SystemExit, match="not a fine-tuned checkpoint"):
-        finetune.evaluate_checkpoint(finetune.settings(**TINY, init_from=pretrain_ckpt), val, classes,
+        finetune.evaluate_checkpoint(settings(finetune, **TINY, init_from=pretrain_ckpt), val, classes,
                                      common.Dist("cpu"))
 
 
@@ -327,7 +330,7 @@ def _write_images(root, names):
 def test_val_classes_differing_from_train_classes_is_an_error(tmp_path):
     _write_images(tmp_path, ["train/cat/0.png", "train/dog/0.png", "val/cat/0.png", "val/owl/0.png"])
     with pytest.raises(SystemExit) as e:
-        finetune.image_folders(str(tmp_path), "train", "val")
+        data.image_folders(str(tmp_path), "train", "val")
     assert "only in val/: ['owl']" in str(e.value) and "only in train/: ['dog']" in str(e.value)
     assert str(tmp_path / "val") in str(e.value)
 
@@ -361,20 +364,20 @@ def test_from_scratch_on_cifar10_beats_chance(cifar10, tmp_path):
 # ---------------------------------------------------------------------------------- stops and exact resume
 def _fit_settings(demo_root, pretrain_ckpt, out, **kw):
     """The full fine-tuning augmentation (RandAugment, erasing, MixUp/CutMix, drop path), 2 micro-batches a step."""
-    settings = dict(TINY, init_from=pretrain_ckpt, out_dir=str(out), epochs=1, warmup_epochs=1, batch_size=16,
-                    micro_batch_size=8, workers=0, crop_scale=(0.5, 1.0), device="cpu")
-    return finetune.settings(**{**settings, **kw})
+    given = dict(TINY, init_from=pretrain_ckpt, out_dir=str(out), epochs=1, warmup_epochs=1, batch_size=16,
+                 micro_batch_size=8, workers=0, crop_scale=(0.5, 1.0), device="cpu")
+    return settings(finetune, **{**given, **kw})
 
 
 def test_sigterm_mid_epoch_then_rerun_gives_bit_identical_weights(demo_root, pretrain_ckpt, tmp_path, monkeypatch):
     from conftest import assert_same_weights, stopped_run_exit_code
-    data = finetune.image_folders(demo_root, "train", "val")
+    folders = data.image_folders(demo_root, "train", "val")
     torch.set_num_threads(1)
-    whole = finetune.fit(_fit_settings(demo_root, pretrain_ckpt, tmp_path / "whole"), *data, common.Dist("cpu"))
+    whole = finetune.fit(_fit_settings(demo_root, pretrain_ckpt, tmp_path / "whole"), *folders, common.Dist("cpu"))
     code = stopped_run_exit_code(monkeypatch, 3, lambda: finetune.fit(
-        _fit_settings(demo_root, pretrain_ckpt, tmp_path / "split"), *data, common.Dist("cpu")))
+        _fit_settings(demo_root, pretrain_ckpt, tmp_path / "split"), *folders, common.Dist("cpu")))
     assert code == 130 and common.load_checkpoint(str(tmp_path / "split" / "ckpt.pt"))["step"] == 3
-    split = finetune.fit(_fit_settings(demo_root, pretrain_ckpt, tmp_path / "split"), *data, common.Dist("cpu"))
+    split = finetune.fit(_fit_settings(demo_root, pretrain_ckpt, tmp_path / "split"), *folders, common.Dist("cpu"))
     assert_same_weights(tmp_path / "whole" / "ckpt.pt", tmp_path / "split" / "ckpt.pt")
     assert split == whole
 
@@ -386,9 +389,9 @@ def test_stop_during_the_final_evaluation_then_rerun_gives_the_same_results(demo
     unevaluated, and the rerun evaluates it. Either way: the log, best.pt and the result of a run that did not stop."""
     import signal
     from conftest import assert_same_weights
-    data = finetune.image_folders(demo_root, "train", "val")
+    folders = data.image_folders(demo_root, "train", "val")
     torch.set_num_threads(1)
-    whole = finetune.fit(_fit_settings(demo_root, pretrain_ckpt, tmp_path / "whole", workers=2), *data,
+    whole = finetune.fit(_fit_settings(demo_root, pretrain_ckpt, tmp_path / "whole", workers=2), *folders,
                          common.Dist("cpu"))
     evaluate = finetune.evaluate
 
@@ -400,9 +403,9 @@ def test_stop_during_the_final_evaluation_then_rerun_gives_the_same_results(demo
     with monkeypatch.context() as patch:
         patch.setattr(finetune, "evaluate", stopped_evaluate)
         with pytest.raises((SystemExit, KeyboardInterrupt)):
-            finetune.fit(_fit_settings(demo_root, pretrain_ckpt, tmp_path / "split", workers=2), *data,
+            finetune.fit(_fit_settings(demo_root, pretrain_ckpt, tmp_path / "split", workers=2), *folders,
                          common.Dist("cpu"))
-    rerun = finetune.fit(_fit_settings(demo_root, pretrain_ckpt, tmp_path / "split", workers=2), *data,
+    rerun = finetune.fit(_fit_settings(demo_root, pretrain_ckpt, tmp_path / "split", workers=2), *folders,
                          common.Dist("cpu"))
     assert rerun == whole and "top1" in rerun
     for key in ("val_top1", "val_top5", "val_loss", "best_top1", "train_loss"):

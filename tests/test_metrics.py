@@ -1,4 +1,4 @@
-"""Optional wandb and TensorBoard logging (common.Metrics): fake packages injected through sys.modules must
+"""Optional wandb and TensorBoard logging (plot.Metrics): fake packages injected through sys.modules must
 receive exactly the numbers of log.jsonl, at their steps; a missing package is an error naming the setting."""
 import json
 import os
@@ -11,6 +11,9 @@ import torch
 from PIL import Image
 
 import common
+import data
+import plot
+from configurator import settings
 
 SKIPPED = ("step", "iter", "time")  # the x axis and the wall clock are not curves
 
@@ -137,19 +140,19 @@ def test_a_missing_package_is_an_error_naming_the_setting(tmp_path, monkeypatch,
     cfg = SimpleNamespace(wandb_log=False, wandb_project="dtm", wandb_run_name="", tensorboard=False)
     setattr(cfg, setting, True)
     with pytest.raises(SystemExit, match=f"{setting}=True needs the {package} package.*pip install {package}"):
-        common.Metrics(str(tmp_path), cfg)
-    common.Metrics(str(tmp_path), SimpleNamespace(**{**vars(cfg), setting: False}))  # off: never imported
+        plot.Metrics(str(tmp_path), cfg)
+    plot.Metrics(str(tmp_path), SimpleNamespace(**{**vars(cfg), setting: False}))  # off: never imported
 
 
 def test_a_missing_package_stops_fine_tuning_before_it_trains(demo_root, pretrain_ckpt, tmp_path, monkeypatch):
     import finetune
     monkeypatch.setitem(sys.modules, "wandb", None)
-    data = finetune.image_folders(demo_root, "train", "val")
-    cfg = finetune.settings(model="tiny", depth=2, img_size=64, patch_size=8, init_from=pretrain_ckpt,
+    folders = data.image_folders(demo_root, "train", "val")
+    cfg = settings(finetune, model="tiny", depth=2, img_size=64, patch_size=8, init_from=pretrain_ckpt,
                             out_dir=str(tmp_path / "ft"), batch_size=16, micro_batch_size=16, workers=0,
                             device="cpu", wandb_log=True)
     with pytest.raises(SystemExit, match="wandb_log=True needs the wandb package"):
-        finetune.fit(cfg, *data, common.Dist("cpu"))
+        finetune.fit(cfg, *folders, common.Dist("cpu"))
     assert not os.path.exists(tmp_path / "ft" / "ckpt.pt")
 
 
@@ -161,7 +164,7 @@ def test_metrics_off_by_default_and_only_rank_0_writes(tmp_path, fakes):
         assert (module.wandb_log, module.tensorboard) == (False, False), module.__name__
     wandb, writers = fakes
     cfg = SimpleNamespace(wandb_log=True, wandb_project="dtm", wandb_run_name="", tensorboard=True)
-    other_rank = common.Metrics(str(tmp_path), cfg, is_main=False)
+    other_rank = plot.Metrics(str(tmp_path), cfg, is_main=False)
     other_rank.log({"step": 1, "loss": 0.5})
     other_rank.close()
     assert wandb.inits == [] and writers == [] and not os.listdir(tmp_path)
@@ -172,7 +175,7 @@ def test_a_resumed_run_logs_into_the_same_wandb_run_and_another_out_dir_into_a_n
     cfg = SimpleNamespace(wandb_log=True, wandb_project="dtm", wandb_run_name="", tensorboard=False)
     for out in ("a", "a", "b"):  # the second "a" is a restart of the first
         os.makedirs(tmp_path / out, exist_ok=True)
-        common.Metrics(str(tmp_path / out), cfg).close()
+        plot.Metrics(str(tmp_path / out), cfg).close()
     ids = [init["id"] for init in wandb.inits]
     assert ids[0] == ids[1] != ids[2] and all(init["resume"] == "allow" for init in wandb.inits)
     assert open(tmp_path / "a" / "wandb_id.txt").read() == ids[0]

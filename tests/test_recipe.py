@@ -10,8 +10,9 @@ import torch
 from torchvision.transforms import v2
 
 import common
+import data
 import finetune
-import pretrain
+from configurator import settings
 from model import VisionTransformer
 
 
@@ -20,7 +21,8 @@ from model import VisionTransformer
 # param.ndim <= 1, or the name ends in ".bias", or the name is "pos_embed" or "cls_token"; decay otherwise.
 # So the mask token (1, 1, D) and every relative position table (rows, heads) ARE decayed.
 def _decayed(net, weight_decay=0.05):
-    return {name for g in common.param_groups(net, weight_decay) for name in g["names"] if g["weight_decay"] > 0}
+    name_of = {id(p): name for name, p in net.named_parameters()}
+    return {name_of[id(p)] for g in common.param_groups(net, weight_decay) for p in g["params"] if g["weight_decay"] > 0}
 
 
 def test_pretraining_weight_decay_is_the_official_set():
@@ -35,7 +37,7 @@ def test_pretraining_weight_decay_is_the_official_set():
 
 
 def test_finetuning_weight_decay_is_the_official_set():
-    net = finetune.build_model(finetune.model_args(finetune.settings(model="tiny", depth=2, img_size=16,
+    net = finetune.build_model(finetune.model_args(settings(finetune, model="tiny", depth=2, img_size=16,
                                                                      patch_size=8), 3), None, 0.001)
     block = ["attn.qkv.weight", "attn.proj.weight", "attn.rel_pos.table", "mlp.fc1.weight", "mlp.fc2.weight"]
     expected = {"patch_embed.weight", "head.weight"} | {f"blocks.{i}.{n}" for i in range(2) for n in block}
@@ -47,14 +49,14 @@ def test_finetuning_weight_decay_is_the_official_set():
 @pytest.mark.parametrize("grid, num_masked, min_block", [(14, 75, 16), (8, 26, 4), (4, 6, 2), (14, 118, 16)])
 def test_every_mask_has_exactly_num_masked(grid, num_masked, min_block):
     random.seed(0)
-    masking = pretrain.BlockMasking(grid, num_masked, min_block)
+    masking = data.BlockMasking(grid, num_masked, min_block)
     counts = {int(masking().sum()) for _ in range(2000)}
     assert counts == {num_masked}
 
 
 def test_masks_are_still_mostly_blocks():
     random.seed(1)
-    masking = pretrain.BlockMasking(14, 75, 16)
+    masking = data.BlockMasking(14, 75, 16)
     for _ in range(20):
         mask = masking().view(14, 14)
         padded = torch.nn.functional.pad(mask.float(), (1, 1, 1, 1))
@@ -64,8 +66,8 @@ def test_masks_are_still_mostly_blocks():
 
 # ------------------------------------------------------------------------------------------- augmentation
 def test_pretraining_augmentation_order_is_jitter_flip_crop():
-    data = pretrain.MaskedImages([], 32, pretrain.BlockMasking(4, 6, 2))
-    steps = [type(t) for t in data.augment.transforms if not isinstance(t, v2.PILToTensor)]
+    dataset = data.MaskedImages([], 32, data.BlockMasking(4, 6, 2))
+    steps = [type(t) for t in dataset.augment.transforms if not isinstance(t, v2.PILToTensor)]
     assert steps == [v2.ColorJitter, v2.RandomHorizontalFlip, v2.RandomResizedCrop]
 
 
@@ -74,8 +76,8 @@ def test_contrast_jitter_uses_the_whole_image_mean():
     from PIL import Image
     image = np.zeros((64, 64, 3), np.uint8)
     image[:, 32:] = 200  # left half black, right half bright
-    data = pretrain.MaskedImages([(Image.fromarray(image), 0)], 16, pretrain.BlockMasking(2, 1, 1))
-    steps = data.augment.transforms
+    dataset = data.MaskedImages([(Image.fromarray(image), 0)], 16, data.BlockMasking(2, 1, 1))
+    steps = dataset.augment.transforms
     for i, t in enumerate(steps):
         if isinstance(t, v2.ColorJitter):
             steps[i] = v2.ColorJitter(contrast=(0.5, 0.5))  # out = (pixel + mean gray of its input) / 2
@@ -84,14 +86,14 @@ def test_contrast_jitter_uses_the_whole_image_mean():
     torch.manual_seed(0)
     values = set()
     for _ in range(20):
-        values |= set(data[0][0].unique().tolist())
+        values |= set(dataset[0][0].unique().tolist())
     # Jitter first: black -> about 50, bright -> about 150. Jitter on a flat crop would leave 0 or 200 as they are.
     assert 0 not in values and 200 not in values
 
 
 # ------------------------------------------------------------------------------------------- head init
 def test_classifier_head_init_is_normal_002_times_init_scale():
-    cfg = finetune.settings(model="tiny", depth=1, img_size=16, patch_size=8)
+    cfg = settings(finetune, model="tiny", depth=1, img_size=16, patch_size=8)
     torch.manual_seed(0)
     net = finetune.build_model(finetune.model_args(cfg, 1000), None, 0.001)
     w = net.head.weight.detach().double()  # 192,000 values

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import common
+import data
 from conftest import ROOT, run_script, tiny_pretrain_args
 
 
@@ -62,7 +63,7 @@ def test_read_only_out_dir_is_found_at_start(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "open", read_only, raising=False)
     with pytest.raises(SystemExit, match=rf"out_dir='{tmp_path}' is not writable: .*Read-only.*read-only or not "
                                          rf"writable"):
-        common.prepare_out_dir(str(tmp_path))
+        common.OutDirLock(str(tmp_path))
 
 
 def test_an_out_dir_where_no_file_can_be_created_is_found_at_start(tmp_path, monkeypatch):
@@ -72,7 +73,7 @@ def test_an_out_dir_where_no_file_can_be_created_is_found_at_start(tmp_path, mon
         raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path))
     monkeypatch.setattr(common.tempfile, "TemporaryFile", refuse)
     with pytest.raises(SystemExit, match=rf"out_dir='{tmp_path}' is not writable: .*read-only or not writable"):
-        common.prepare_out_dir(str(tmp_path))
+        common.OutDirLock(str(tmp_path))
 
 
 def test_ckpt_pt_being_a_folder_stops_the_run_before_training(demo_root, tmp_path):
@@ -84,32 +85,32 @@ def test_ckpt_pt_being_a_folder_stops_the_run_before_training(demo_root, tmp_pat
 
 
 def test_a_second_run_in_the_same_out_dir_is_refused_while_the_first_runs(tmp_path):
-    first = common.prepare_out_dir(str(tmp_path / "run"))
+    first = common.OutDirLock(str(tmp_path / "run"))
     with pytest.raises(SystemExit, match=rf"out_dir='{tmp_path / 'run'}' is in use by another run \(pid "
                                          rf"{os.getpid()}\)"):
-        common.prepare_out_dir(str(tmp_path / "run"))
-    assert common.prepare_out_dir(str(tmp_path / "run"), is_main=False) is None  # other ranks take no lock
+        common.OutDirLock(str(tmp_path / "run"))
+    assert common.OutDirLock(str(tmp_path / "run"), is_main=False).file is None  # other ranks take no lock
     first.close()  # the first run ends: the next one may start
-    common.prepare_out_dir(str(tmp_path / "run")).close()
+    common.OutDirLock(str(tmp_path / "run")).close()
 
 
 def test_the_lock_of_a_killed_run_does_not_block(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import common, sys, time; "
-                               f"lock = common.prepare_out_dir({str(tmp_path)!r}); print('locked', flush=True); "
+                               f"lock = common.OutDirLock({str(tmp_path)!r}); print('locked', flush=True); "
                                "time.sleep(60)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(SystemExit, match=rf"in use by another run \(pid {holder.pid}\)"):
-            common.prepare_out_dir(str(tmp_path))
+            common.OutDirLock(str(tmp_path))
     finally:
         holder.kill()
         holder.wait()
     assert os.path.isfile(tmp_path / "run.lock")  # left behind by kill -9, yet:
-    common.prepare_out_dir(str(tmp_path)).close()
+    common.OutDirLock(str(tmp_path)).close()
 
 
 def test_a_stage_script_refuses_an_out_dir_in_use(demo_root, tmp_path):
-    lock = common.prepare_out_dir(str(tmp_path))  # as a first run of pretrain.py would hold it
+    lock = common.OutDirLock(str(tmp_path))  # as a first run of pretrain.py would hold it
     try:
         proc = run_script(tiny_pretrain_args(demo_root, tmp_path), check=False)
     finally:
@@ -191,7 +192,7 @@ def test_16_bit_png_is_scaled_to_8_bits_not_clipped_to_white(tmp_path):
     os.makedirs(tmp_path / "a")
     Image.fromarray(values).save(tmp_path / "a" / "deep.png")
     assert Image.open(tmp_path / "a" / "deep.png").mode.startswith("I")  # really a 16-bit file
-    image, label = common.ImageFolder(str(tmp_path))[0]
+    image, label = data.ImageFolder(str(tmp_path))[0]
     pixels = np.asarray(image)
     assert image.mode == "RGB" and label == 0
     expected = np.round(values / 65535 * 255)  # 65535 -> 255, 32768 -> 128
@@ -204,10 +205,10 @@ def test_an_enormous_image_is_skipped_with_a_warning_naming_it(tmp_path, monkeyp
     Image.new("RGB", (100, 100), (200, 0, 0)).save(tmp_path / "a" / "0_huge.png")
     Image.new("RGB", (20, 20), (0, 200, 0)).save(tmp_path / "a" / "1_small.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 10000 pixels: a decompression bomb now (> 2 x limit)
-    data = common.ImageFolder(str(tmp_path))
+    folder = data.ImageFolder(str(tmp_path))
     with pytest.warns(UserWarning, match=rf"skipping unreadable image {tmp_path / 'a' / '0_huge.png'}: .*"
                                          rf"decompression bomb"):
-        image, _ = data[0]
+        image, _ = folder[0]
     assert image.size == (20, 20)  # the next image instead
 
 
@@ -222,17 +223,16 @@ def test_transfer_samples_read_images_the_same_way(tmp_path):
 # -------------------------------------------------------------------------------------- eval_transfer input
 def _transfer_config(tmp_path, **changes):
     import eval_transfer
-    from configurator import settings_of
-    return {**settings_of(vars(eval_transfer)), **eval_transfer.FINETUNE_DEFAULTS, "out_dir": str(tmp_path / "out"),
-            **changes}
+    from configurator import settings
+    return settings(eval_transfer, **{"out_dir": str(tmp_path / "out"), **changes})
 
 
 def test_transfer_refuses_an_empty_dataset_list(tmp_path):
     import eval_transfer
     with pytest.raises(SystemExit, match=r"datasets='' names no dataset"):
-        eval_transfer.main(_transfer_config(tmp_path, datasets=""), set())
+        eval_transfer.main(_transfer_config(tmp_path, datasets=""))
     with pytest.raises(SystemExit, match=r"datasets=' , ' names no dataset"):
-        eval_transfer.main(_transfer_config(tmp_path, datasets=" , "), set())
+        eval_transfer.main(_transfer_config(tmp_path, datasets=" , "))
 
 
 def test_a_truncated_results_json_is_named(tmp_path):
@@ -241,10 +241,10 @@ def test_a_truncated_results_json_is_named(tmp_path):
     path = tmp_path / "out" / "results.json"
     path.write_text('{"rows": [{"dataset": "demo_coarse", "top1": 1')
     with pytest.raises(SystemExit, match=rf"{path} is not valid JSON .*truncated"):
-        eval_transfer.main(_transfer_config(tmp_path, datasets="demo_coarse"), set())
+        eval_transfer.main(_transfer_config(tmp_path, datasets="demo_coarse"))
     path.write_text('[1, 2]')
     with pytest.raises(SystemExit, match=rf"{path} holds no 'rows' list"):
-        eval_transfer.main(_transfer_config(tmp_path, datasets="demo_coarse"), set())
+        eval_transfer.main(_transfer_config(tmp_path, datasets="demo_coarse"))
 
 
 def test_an_invalid_inat_annotation_file_is_named(tmp_path):

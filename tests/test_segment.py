@@ -12,8 +12,10 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 import common
+import data
 import model
 import segment
+from configurator import settings
 from conftest import run_script
 
 
@@ -76,11 +78,11 @@ def test_sliding_window_of_a_per_pixel_model_equals_one_full_pass(size):
 # ------------------------------------------------------------------------------------------------------ data
 def test_label_mapping():
     raw = torch.tensor([[0, 1, 2], [150, 75, 0]], dtype=torch.uint8)
-    assert segment.reduce_zero_label(raw).tolist() == [[255, 0, 1], [149, 74, 255]]
+    assert data.reduce_zero_label(raw).tolist() == [[255, 0, 1], [149, 74, 255]]
 
 
 def test_crop_rule_by_hand():
-    ok = segment.crop_is_varied
+    ok = data.crop_is_varied
     assert not ok(torch.tensor([0] * 75 + [1] * 25), 0.75)  # exactly 75%: too much
     assert ok(torch.tensor([0] * 74 + [1] * 26), 0.75)
     assert not ok(torch.tensor([3] * 10), 0.75)  # one class only
@@ -101,13 +103,13 @@ def test_crop_retries_until_no_class_dominates_and_image_moves_with_mask():
     image = tv_tensors.Image(label.expand(3, -1, -1).clone())  # the image encodes the label: they must agree
     crops = {}
     for ratio in (0.75, 1.0):
-        pipeline = v2.Compose([segment.RandomCropVaried(16, ratio), v2.RandomHorizontalFlip()])
+        pipeline = v2.Compose([data.RandomCropVaried(16, ratio), v2.RandomHorizontalFlip()])
         varied = []
         for s in range(40):
             torch.manual_seed(s)
             img, mask = pipeline(image, tv_tensors.Mask(label))
             assert mask.shape == (16, 16) and torch.equal(img[0], mask)
-            varied.append(segment.crop_is_varied(mask, 0.75))
+            varied.append(data.crop_is_varied(mask, 0.75))
         crops[ratio] = varied
     assert all(crops[0.75])
     assert not all(crops[1.0])  # without the rule, class-0-dominated crops do occur
@@ -116,7 +118,7 @@ def test_crop_retries_until_no_class_dominates_and_image_moves_with_mask():
 def test_train_pipeline_pads_image_with_zero_and_labels_with_255():
     label = _half_dominated_mask()[:, :16]  # 16x16, classes 0/1... only class 0: no varied crop exists
     image = tv_tensors.Image(torch.full((3, 16, 16), 200, dtype=torch.uint8))
-    t = segment.train_transform(crop=24, scale=(16, 16), ratio_range=(1.0, 1.0), cat_max_ratio=0.75)
+    t = data.segment_train_transform(crop=24, scale=(16, 16), ratio_range=(1.0, 1.0), cat_max_ratio=0.75)
     torch.manual_seed(0)
     img, mask = t(image, tv_tensors.Mask(label))
     assert img.shape == (3, 24, 24) and img.dtype == torch.float32 and mask.shape == (24, 24)
@@ -125,15 +127,15 @@ def test_train_pipeline_pads_image_with_zero_and_labels_with_255():
 
 
 def test_rescale_size_keeps_ratio_like_mmcv():
-    assert segment.rescale_size(480, 640, (2048, 512)) == (512, 683)  # short side to 512
-    assert segment.rescale_size(200, 1600, (2048, 512)) == (256, 2048)  # long side capped at 2048
+    assert data.rescale_size(480, 640, (2048, 512)) == (512, 683)  # short side to 512
+    assert data.rescale_size(200, 1600, (2048, 512)) == (256, 2048)  # long side capped at 2048
 
 
 def test_saturation_matches_hsv():
     torch.manual_seed(0)
     rgb = torch.rand(3, 5, 7) * 255
     for factor in (0.5, 1.4, 3.0):
-        out = segment.scale_saturation(rgb, factor)
+        out = data.scale_saturation(rgb, factor)
         for y in range(5):
             for x in range(7):
                 h, s, v = colorsys.rgb_to_hsv(*rgb[:, y, x].tolist())
@@ -169,9 +171,10 @@ def test_out_indices_and_layer_decay_keep_head_at_scale_one():
     assert model.default_out_indices(24) == [7, 11, 15, 23]
     net = tiny_segmenter(img_size=64, patch=16, depth=2)
     scales, decays = {}, {}
+    name_of = {id(p): name for name, p in net.named_parameters()}
     for g in common.param_groups(net, 0.05, 0.75, 2):
-        for name in g["names"]:
-            scales[name], decays[name] = g["lr_scale"], g["weight_decay"]
+        for p in g["params"]:
+            scales[name_of[id(p)]], decays[name_of[id(p)]] = g["lr_scale"], g["weight_decay"]
     assert scales["backbone.patch_embed.weight"] == pytest.approx(0.75 ** 3)
     assert scales["backbone.blocks.0.mlp.fc1.weight"] == pytest.approx(0.75 ** 2)
     assert scales["backbone.blocks.1.attn.rel_pos.table"] == pytest.approx(0.75)
@@ -210,7 +213,7 @@ def test_poly_schedule_like_mmcv():
 
 
 def test_pretraining_checkpoint_converts_to_segmenter(pretrain_ckpt):
-    cfg = segment.settings(init_from=pretrain_ckpt, crop_size=96,  # 12x12 patches of 8 px: tables resized from 8x8
+    cfg = settings(segment, init_from=pretrain_ckpt, crop_size=96,  # 12x12 patches of 8 px: tables resized from 8x8
                            num_classes=14, channels=32)
     from conftest import resized_rel_pos_table_by_hand
     net, args, head = segment.build_segmenter(cfg, common.Dist("cpu"))
@@ -240,14 +243,14 @@ def test_image_without_annotation_is_named(tmp_path):
     _write_pair(tmp_path, "training", "a", np.ones((8, 8), np.uint8))
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / "training" / "b.jpg")
     with pytest.raises(FileNotFoundError, match="b.jpg needs .*annotations/training/b.png"):
-        segment.ADE20K(str(tmp_path), "training", 150, None)
+        data.ADE20K(str(tmp_path), "training", 150, None)
 
 
 def test_label_above_num_classes_is_an_error(tmp_path):
     label = np.ones((8, 8), np.uint8)
     label[3, 3] = 151
     _write_pair(tmp_path, "validation", "x", label)
-    ds = segment.ADE20K(str(tmp_path), "validation", 150, segment.eval_transform((16, 8)))
+    ds = data.ADE20K(str(tmp_path), "validation", 150, data.segment_eval_transform((16, 8)))
     with pytest.raises(ValueError, match=r"x\.png has label 151 > num_classes=150"):
         ds[0]
 
@@ -257,16 +260,16 @@ def test_label_map_of_another_size_than_its_image_is_an_error(tmp_path, split):
     """A 10x8 label map for an 8x8 image: per-pixel labels would be scored against the wrong pixels."""
     _write_pair(tmp_path, split, "y", np.ones((8, 10), np.uint8), image=False)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / split / "y.jpg")
-    ds = segment.ADE20K(str(tmp_path), split, 150, segment.eval_transform((16, 8)))  # checked before any transform
+    ds = data.ADE20K(str(tmp_path), split, 150, data.segment_eval_transform((16, 8)))  # checked before any transform
     with pytest.raises(ValueError, match=r"y\.png is 10x8 but its image .*y\.jpg is 8x8"):
         ds[0]
 
 
 def test_missing_data_dir_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist; expected the ADE20K layout"):
-        segment.find_root(str(tmp_path / "nowhere"))
+        data.find_root(str(tmp_path / "nowhere"))
     # The script stops with that message (no traceback) before creating anything.
-    cfg = segment.settings(data_dir=str(tmp_path / "nowhere"), demo_data="", device="cpu", micro_batch_size=16,
+    cfg = settings(segment, data_dir=str(tmp_path / "nowhere"), demo_data="", device="cpu", micro_batch_size=16,
                            out_dir=str(tmp_path / "out"))
     with pytest.raises(SystemExit, match="nowhere' does not exist; expected the ADE20K layout"):
         segment.main(cfg)

@@ -8,20 +8,19 @@ import pytest
 import torch
 
 import common
+import data
 import segment
+import configurator
 from conftest import ROOT
 
 
 def _demo_settings(monkeypatch, demo_root, out_dir, **overrides):
     """config/segment_demo.py on a 2-block random backbone, 32-px crops, 4 iterations, as segment.main's cfg."""
-    settings = {}
-    with open(os.path.join(ROOT, "config", "segment_demo.py")) as f:
-        exec(f.read(), {}, settings)
-    settings.update(dict(demo_data="", data_dir=os.path.join(demo_root, "ADEChallengeData2016"), out_dir=str(out_dir),
-                         depth=2, crop_size=32, scale=(128, 48), eval_stride=21, channels=32, aux_channels=16,
-                         batch_size=4, micro_batch_size=4, workers=0, iters=4, warmup_iters=2, eval_interval=2,
-                         ckpt_interval=2, log_interval=1, device="cpu"), **overrides)
-    return segment.settings(**settings)
+    settings = dict(demo_data="", data_dir=os.path.join(demo_root, "ADEChallengeData2016"), out_dir=str(out_dir),
+                    depth=2, crop_size=32, scale=(128, 48), eval_stride=21, channels=32, aux_channels=16,
+                    batch_size=4, micro_batch_size=4, workers=0, iters=4, warmup_iters=2, eval_interval=2,
+                    ckpt_interval=2, log_interval=1, device="cpu")
+    return configurator.settings(segment, os.path.join(ROOT, "config", "segment_demo.py"), **{**settings, **overrides})
 
 
 def _scores(miou):
@@ -98,5 +97,5 @@ def test_batchnorm_in_one_full_batch_differs_from_micro_batches():
 
 def test_hue_shift_draws_minus_18_to_17_as_mmseg():
     torch.manual_seed(0)
-    shifts = {segment.PhotometricDistortion._hue_shift() for _ in range(3000)}
+    shifts = {data.PhotometricDistortion._hue_shift() for _ in range(3000)}
     assert shifts == set(range(-18, 18))  # np.random.randint(-18, 18): 18 excluded

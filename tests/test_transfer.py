@@ -263,6 +263,12 @@ def _demo_args(demo_root, pretrain_ckpt, out_dir):
             f"--out_dir={out_dir}", "--depth=2", "--epochs=3", "--batch_size=16", "--micro_batch_size=16"]
 
 
+def command_line(args: list[str]) -> dict:
+    """--key=value arguments as the overrides configurator.settings takes (values as the command line parses them)."""
+    from configurator import _parse_value
+    return {a[2:].partition("=")[0]: _parse_value(a.partition("=")[2]) for a in args}
+
+
 def _lines(path):
     with open(path) as f:
         return [json.loads(line) for line in f]
@@ -335,15 +341,13 @@ def test_sigterm_during_the_final_evaluation_then_rerun_reports_the_final_epoch(
     import signal
     import torch
     import finetune
-    from configurator import parse_args, settings_of
-    defaults = {**settings_of(vars(eval_transfer)), **eval_transfer.FINETUNE_DEFAULTS}
+    from configurator import settings
 
     def run(out):
         args = [os.path.join(ROOT, "config", "transfer_demo.py"), f"--init_from={pretrain_ckpt}", "--depth=2",
                 f"--demo_data={demo_root}", f"--out_dir={out}", "--datasets=demo_coarse", "--epochs=2",
                 "--batch_size=16", "--micro_batch_size=16", "--device=cpu"]
-        changes = parse_args(args, defaults)
-        eval_transfer.main({**defaults, **changes}, set(changes))
+        eval_transfer.main(settings(eval_transfer, *args[:1], **command_line(args[1:])))
         return json.load(open(os.path.join(out, "results.json")))["rows"]
     torch.set_num_threads(1)
     whole = run(tmp_path / "whole")
@@ -368,16 +372,14 @@ def test_max_steps_before_the_first_evaluation_is_refused_and_after_it_records_t
     """max_steps cuts a smoke run short: before the first evaluation there is no result (a clear error, no row);
     after it, the row says how many epochs were evaluated instead of the schedule's length."""
     import torch
-    from configurator import parse_args, settings_of
-    defaults = {**settings_of(vars(eval_transfer)), **eval_transfer.FINETUNE_DEFAULTS}
+    from configurator import settings
     steps_per_epoch = len(eval_transfer.load_dataset("demo_coarse", "", demo_root)[0]) // 16
 
     def run(max_steps):
         args = [os.path.join(ROOT, "config", "transfer_demo.py"), f"--init_from={pretrain_ckpt}", "--depth=2",
                 f"--demo_data={demo_root}", f"--out_dir={tmp_path / str(max_steps)}", "--datasets=demo_coarse",
                 "--epochs=3", "--batch_size=16", "--micro_batch_size=16", "--device=cpu", f"--max_steps={max_steps}"]
-        changes = parse_args(args, defaults)
-        eval_transfer.main({**defaults, **changes}, set(changes))
+        eval_transfer.main(settings(eval_transfer, *args[:1], **command_line(args[1:])))
         return json.load(open(tmp_path / str(max_steps) / "results.json"))["rows"]
     torch.set_num_threads(1)
     with pytest.raises(SystemExit, match="max_steps=1 stopped training before the end of the first epoch"):
