@@ -168,9 +168,10 @@ def run_stage(index: int, total: int, name: str, script: str, settings: dict) ->
     print(f"\n[{index}/{total}] {name}:\n  {shlex.join(command)}", flush=True)
     start = time.time()
     returncode = run_to_the_end(command)
-    if returncode == 130:
-        raise SystemExit(f"stopped: stage {name} saved its checkpoint; run the same command to resume "
-                         f"(finished stages are skipped)")
+    if returncode == 130:  # stopped (Ctrl-C, SIGTERM): it saved its checkpoint
+        print(f"stopped: stage {name} saved its checkpoint; run the same command to resume (finished stages are "
+              f"skipped)", file=sys.stderr, flush=True)
+        raise SystemExit(130)
     if returncode != 0:
         raise SystemExit(f"stage {name} failed (exit code {returncode}; its output is above). Rerun the same "
                          f"command to resume: finished stages are skipped")

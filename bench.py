@@ -175,6 +175,7 @@ def time_interleaved(cfg, fns: dict, dev: torch.device) -> dict:
 def dispatches(fn, dev: torch.device) -> tuple:
     """Operators dispatched by one call of fn (aten ops called from Python, not those they call in turn) and,
     on GPU, the kernels (and copies) the GPU ran: how much of a call is the host's work."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # the profiler's own log lines ('gpuGetDeviceCount failed' on CPU)
     activities = [torch.profiler.ProfilerActivity.CPU] + \
         ([torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with torch.profiler.profile(activities=activities) as prof:

@@ -60,7 +60,9 @@ def _unknown(key: str, known: dict, where: str, comments: dict) -> ConfigError:
                 candidates.setdefault("_".join(words[i:i + n]), name)
     score = {c: min(difflib.SequenceMatcher(None, key, c).ratio(), difflib.SequenceMatcher(None, c, key).ratio())
              for c in candidates}
-    close = list(dict.fromkeys(candidates[c] for c in sorted(score, key=score.get, reverse=True) if score[c] >= 0.6))
+    best = max(score.values(), default=0)  # the closest, and those nearly as close
+    close = list(dict.fromkeys(candidates[c] for c in sorted(score, key=score.get, reverse=True)
+                               if score[c] >= max(0.6, best - 0.1)))
     close = [name for name in close if name in known][:3]
     hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys: {', '.join(sorted(known))}"
     return ConfigError(f"unknown setting {key!r} in {where}{hint}")

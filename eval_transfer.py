@@ -323,7 +323,8 @@ def write_results(out: str, rows: list[dict]):
 
 
 # ----------------------------------------------------------------------------------------------------- main
-def main(cfg):
+def dataset_runs(cfg) -> dict:
+    """{dataset name: (its finetune.py cfg, its recipe's path)} for every dataset cfg names, in order."""
     base = {k: getattr(cfg, k) for k in (*FINETUNE_DEFAULTS, "init_from", "device")}  # finetune.py settings
     overrides = {k: getattr(cfg, k) for k in cfg.given if k in FINETUNE_DEFAULTS}  # the user's: over each recipe
     names = [n.strip() for n in cfg.datasets.split(",") if n.strip()]
@@ -332,6 +333,11 @@ def main(cfg):
     for name in names:  # fail before any training on a misspelt name
         if not (name.startswith("folder:") or name in DATASETS or name in DEMO):
             raise SystemExit(unknown_dataset(name))
+    return {name: dataset_settings(name, base, overrides, cfg.recipe_dir, cfg.out_dir) for name in names}
+
+
+def main(cfg):
+    runs = dataset_runs(cfg)
     if cfg.init_from and not os.path.isfile(cfg.init_from):
         raise SystemExit(f"init_from={cfg.init_from!r} does not exist (a checkpoint of pretrain.py or finetune.py; "
                          f"'' fine-tunes from random initialisation)")
@@ -341,20 +347,19 @@ def main(cfg):
         if r["checkpoint"] != cfg.init_from:
             raise SystemExit(f"{out}/results.json holds results of checkpoint {r['checkpoint']!r}, not of "
                              f"{cfg.init_from!r}; choose another out_dir")
-    runs = {name: dataset_settings(name, base, overrides, cfg.recipe_dir, out) for name in names}
     for name, (run, _) in runs.items():
         check_same_settings(name, run, rows, out)
     dist_ = common.Dist(cfg.device)
     try:
         with common.OutDirLock(out, dist_.is_main):  # writable, and this run's alone
-            if dist_.is_main and any(n in DEMO for n in names):
+            if dist_.is_main and any(n in DEMO for n in runs):
                 make_demo_dataset(cfg.demo_data)  # once, before other ranks read it
             dist_.barrier()
             for name, (run, path) in runs.items():
                 if any(r["dataset"] == name for r in rows):
                     dist_.print(f"{name}: finished earlier with the same settings (in {out}/results.json), skipping")
                     continue
-                rows.append(transfer(name, run, path, overrides, cfg, dist_))
+                rows.append(transfer(name, run, path, cfg, dist_))
                 if dist_.is_main:
                     write_results(out, rows)
             if dist_.is_main:
@@ -363,11 +368,12 @@ def main(cfg):
         dist_.close()
 
 
-def transfer(name: str, run, recipe_path: str, overrides: dict, cfg, dist_: common.Dist) -> dict:
+def transfer(name: str, run, recipe_path: str, cfg, dist_: common.Dist) -> dict:
     """Fine-tune on one dataset (finetune.fit, in its own locked out_dir); its row of the results table."""
     train, val, classes = load(name, cfg)
+    given = sorted(k for k in cfg.given if k in FINETUNE_DEFAULTS)
     dist_.print(f"\n{name}: {len(train)} training and {len(val)} eval images, {len(classes)} classes; recipe "
-                f"{recipe_path or 'finetune.py defaults'}" + (f", then {overrides}" if overrides else ""))
+                f"{recipe_path or 'finetune.py defaults'}" + (f", then {', '.join(given)} as given" if given else ""))
     with common.OutDirLock(run.out_dir, dist_.is_main):
         metrics = finetune.fit(run, train, val, classes, dist_)
     if not metrics["epochs"]:

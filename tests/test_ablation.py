@@ -208,3 +208,43 @@ def test_ablation_end_to_end_on_real_cifar10_at_smoke_size(cifar10, tmp_path):
     proc = run_script([*args, "--pretrain_epochs=3"], env=ONE_THREAD, check=False, timeout=300)
     assert proc.returncode != 0 and "finished with other settings (epochs differ)" in proc.stderr
     assert (out / "results.json").read_text() == before
+
+
+def test_ctrl_c_stops_the_running_stage_cleanly(tmp_path):
+    """Ctrl-C reaches the whole process group (ablation.py and its stage): the stage saves its checkpoint (a rerun
+    resumes from it) and says so, and ablation.py exits with 130 without a traceback."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+    for split, n in (("train", 16), ("test", 4)):
+        for c, name in enumerate(("cat", "dog")):
+            os.makedirs(tmp_path / "c10" / split / name)
+            for i in range(n):
+                Image.new("RGB", (32, 32), (60 * c + i, 90, 200 - i)).save(tmp_path / "c10" / split / name / f"{i}.jpg")
+    args = [sys.executable, "ablation.py", f"--data_dir={tmp_path / 'c10'}", f"--out_dir={tmp_path / 'out'}",
+            "--depth=1", "--seeds=(0,)", "--methods=['dtm']", "--teacher_epochs=200", "--pretrain_epochs=1",
+            "--probe_epochs=1", "--finetune_epochs=1", "--batch_size=8", "--workers=0", "--device=cpu"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **ONE_THREAD}
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, as a terminal's foreground job
+    out, err, training = [], [], threading.Event()
+
+    def read(stream, lines):
+        for line in iter(stream.readline, ""):
+            lines.append(line)
+            if "epoch 0" in line:  # the teacher stage is training: its stop handler is in place
+                training.set()
+    readers = [threading.Thread(target=read, args=pair, daemon=True) for pair in ((proc.stdout, out), (proc.stderr, err))]
+    for reader in readers:
+        reader.start()
+    assert training.wait(600), "".join(err)  # a guard against a hang, not a speed requirement
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
+    proc.wait(timeout=600)
+    for reader in readers:
+        reader.join(timeout=60)
+    stdout, text = "".join(out), "".join(err)
+    assert proc.returncode == 130 and "Traceback" not in text and "KeyboardInterrupt" not in text, text
+    assert f"stopped: saved {tmp_path / 'out' / 'teacher' / 'ckpt.pt'}" in stdout
+    assert "stopped: stage teacher saved its checkpoint; run the same command to resume" in text
+    assert common.load_checkpoint(str(tmp_path / "out" / "teacher" / "ckpt.pt"))["step"] > 0

@@ -202,3 +202,28 @@ def test_scripts_refuse_bad_settings_before_any_work(script, arg, message):
     proc = run_script([script, arg], timeout=120, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("config error: ") and message in proc.stderr
+
+
+def test_config_file_values_of_other_types_are_converted_or_refused_never_dropped(tmp_path):
+    """A path-like becomes its string, a NumPy scalar its Python number; any other type is refused by name (such
+    values were silently dropped, the default used instead)."""
+    cfg = tmp_path / "run.py"
+    cfg.write_text("from pathlib import Path\nimport numpy as np\nout_dir = Path('/data') / 'run'\n"
+                   "lr = np.float32(0.5)\nepochs = np.int64(7)\n")
+    changes = parse_args([str(cfg)], DEFAULTS)
+    assert changes == {"out_dir": "/data/run", "lr": 0.5, "epochs": 7}
+    assert type(changes["lr"]) is float and type(changes["epochs"]) is int
+    bad = tmp_path / "bad.py"
+    bad.write_text("betas = {0.9, 0.98}\n")  # a set, not a tuple
+    with pytest.raises(ConfigError, match=r"betas: expected tuple .* got set \{0.9, 0.98\} from config file"):
+        parse_args([str(bad)], DEFAULTS)
+
+
+def test_a_misspelt_setting_is_matched_by_its_name_or_the_words_of_its_comment():
+    """--lerning_rate is closest to no name, but to lr's comment ('learning rate at batch 2048'); a name still wins
+    where one is close."""
+    import pretrain
+    with pytest.raises(SystemExit, match=r"unknown setting 'lerning_rate' .*did you mean lr\?"):
+        configure(dict(vars(pretrain)), ["--lerning_rate=1e-3"], pretrain.RULES)
+    with pytest.raises(SystemExit, match=r"unknown setting 'warmup_epoch' .*did you mean warmup_epochs"):
+        configure(dict(vars(pretrain)), ["--warmup_epoch=3"], pretrain.RULES)

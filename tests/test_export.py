@@ -1,5 +1,6 @@
 """Weights that leave and enter the project: export.py to timm's Beit, official DTM / BEiT v2 / timm checkpoints
 as init_from (model.load_backbone). timm and safetensors are optional: these tests skip only without them."""
+import os
 import sys
 
 import pytest
@@ -156,3 +157,53 @@ def test_a_foreign_file_is_refused_with_its_keys():
         checkpoint_model_args({"fc.weight": torch.zeros(2, 2)})
     with pytest.raises(ValueError, match="nor a state dict of tensors.*'args'"):
         checkpoint_model_args({"args": "a Namespace", "epoch": 3})
+
+
+def checkpoints_of_every_kind():
+    """{kind: (checkpoint as a stage writes it, the ViT whose features the export must carry)}."""
+    pre_net, pretrain = pretrain_checkpoint()
+    net = randomised(classifier())
+    kinds = {"pretrain": (pretrain, pre_net),
+             "finetune": ({"model": net.state_dict(), "model_args": dict(SMALL, shared_rel_pos=False, num_classes=5),
+                           "classes": list("abcde"), "stage": "finetune"}, net)}
+    import finetune
+    args = dict(SMALL, shared_rel_pos=False)
+    probe = finetune.LinearProbe(randomised(VisionTransformer(**args)), -1, 5)
+    kinds["probe"] = ({"model": probe.state_dict(), "model_args": args, "probe": {"block": -1, "num_classes": 5},
+                       "classes": list("abcde"), "stage": "finetune"}, probe.backbone)
+    import model
+    seg = model.UperNetSegmenter(randomised(VisionTransformer(**args)), 3, channels=16, aux_channels=8)
+    kinds["segment"] = ({"model": seg.state_dict(), "backbone_args": args, "head_args": {"num_classes": 3},
+                         "stage": "segment"}, seg.backbone)
+    return kinds
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "finetune", "probe", "segment"])
+def test_every_kind_of_checkpoint_loads_strictly_with_the_call_export_prints(kind, tmp_path, capsys):
+    """The printed timm.create_model call, run as printed, loads the file (timm loads checkpoint_path strictly)
+    and gives the blocks' outputs of the network that was exported; into a folder that does not exist yet."""
+    import configurator
+    ckpt, net = checkpoints_of_every_kind()[kind]
+    common.save_checkpoint(ckpt, str(tmp_path / "ckpt.pt"))
+    out = tmp_path / "new" / "folder" / "model.safetensors"
+    export.main(configurator.settings(export, ckpt=str(tmp_path / "ckpt.pt"), out=str(out)))
+    printed = capsys.readouterr().out
+    call = printed.split("load it with: ")[1].strip()
+    theirs = eval(call, {"timm": timm}).eval()  # the very call a user copies
+    with torch.no_grad():
+        tokens, _ = net.forward_blocks(IMAGES)
+        theirs_tokens = theirs.forward_intermediates(IMAGES, indices=1, intermediates_only=True, norm=False)[-1]
+        torch.testing.assert_close(theirs_tokens.flatten(2).mT, tokens[:, 1:], rtol=0, atol=1e-5)
+    if kind == "segment":
+        assert "no final norm of its own; the file's norm is a fresh one (ones, zeros)" in printed
+
+
+def test_a_checkpoint_that_is_no_whole_vit_is_refused_by_name(tmp_path):
+    net, ckpt = pretrain_checkpoint()
+    del ckpt["model"]["blocks.1.mlp.fc2.weight"]
+    common.save_checkpoint(ckpt, str(tmp_path / "partial.pt"))
+    proc = run_script(["export.py", f"--ckpt={tmp_path / 'partial.pt'}", f"--out={tmp_path / 'x.safetensors'}"],
+                      check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"ckpt='{tmp_path / 'partial.pt'}' cannot be exported: its weights do not make a whole ViT" in proc.stderr
+    assert "blocks.1.mlp.fc2.weight" in proc.stderr and not os.path.exists(tmp_path / "x.safetensors")

@@ -20,6 +20,7 @@ from configurator import settings
 from model import VisionTransformer, load_backbone
 
 TINY = dict(model="tiny", depth=2, img_size=64, patch_size=8)  # the conftest pre-training checkpoint's model
+TINY_ARGS = dict(img_size=64, patch_size=8, embed_dim=192, depth=2, num_heads=3)  # the same, as model arguments
 
 
 # ------------------------------------------------------------------------------------------ optimizer groups
@@ -169,17 +170,21 @@ def test_mixup_cutmix_targets_are_distributions_and_f_cross_entropy_is_their_sof
     kinds = set()
     for seed in range(16):
         torch.manual_seed(seed)
-        images = torch.arange(1, B + 1, dtype=torch.float32).view(B, 1, 1, 1).expand(B, 3, 8, 8).clone()
+        images = torch.arange(1, B + 1, dtype=torch.float32).view(B, 1, 1, 1).expand(B, 3, 64, 64).clone()
         mixed, targets = mix(images, labels)
         assert targets.shape == (B, K)
         assert torch.all(targets >= 0) and torch.allclose(targets.sum(1), torch.ones(B))
         for i in range(B):  # recover the mixing weight from the image, then rebuild the target by hand
             own, other = float(i + 1), float((i - 1) % B + 1)  # torchvision mixes each sample with the previous
             values = mixed[i].unique()
-            if all(v in (own, other) for v in values.tolist()):  # CutMix: a pasted box
+            if all(v in (own, other) for v in values.tolist()):  # CutMix: a pasted box, never nothing
+                pasted = (mixed[i, 0] == other)
+                rows, cols = pasted.any(1), pasted.any(0)
+                assert pasted.any() and pasted[rows][:, cols].all(), "CutMix pastes one non-empty rectangle"
                 lam, kinds = (mixed[i] == own).float().mean().item(), kinds | {"cutmix"}
-            else:  # MixUp: one blended value
+            else:  # MixUp: one blended value, strictly between the two
                 lam, kinds = (values.item() - other) / (own - other), kinds | {"mixup"}
+                assert len(values) == 1 and 0 < lam < 1
             expect = np.full(K, s / K)
             expect[labels[i]] += (1 - s) * lam
             expect[labels[(i - 1) % B]] += (1 - s) * (1 - lam)
@@ -369,7 +374,8 @@ def _fit_settings(demo_root, pretrain_ckpt, out, **kw):
     return settings(finetune, **{**given, **kw})
 
 
-def test_sigterm_mid_epoch_then_rerun_gives_bit_identical_weights(demo_root, pretrain_ckpt, tmp_path, monkeypatch):
+def test_sigterm_mid_epoch_then_rerun_gives_bit_identical_weights(demo_root, pretrain_ckpt, tmp_path, monkeypatch,
+                                                                   capsys):
     from conftest import assert_same_weights, stopped_run_exit_code
     folders = data.image_folders(demo_root, "train", "val")
     torch.set_num_threads(1)
@@ -377,6 +383,7 @@ def test_sigterm_mid_epoch_then_rerun_gives_bit_identical_weights(demo_root, pre
     code = stopped_run_exit_code(monkeypatch, 3, lambda: finetune.fit(
         _fit_settings(demo_root, pretrain_ckpt, tmp_path / "split"), *folders, common.Dist("cpu")))
     assert code == 130 and common.load_checkpoint(str(tmp_path / "split" / "ckpt.pt"))["step"] == 3
+    assert f"stopped: saved {tmp_path / 'split' / 'ckpt.pt'}; run the same command to resume" in capsys.readouterr().out
     split = finetune.fit(_fit_settings(demo_root, pretrain_ckpt, tmp_path / "split"), *folders, common.Dist("cpu"))
     assert_same_weights(tmp_path / "whole" / "ckpt.pt", tmp_path / "split" / "ckpt.pt")
     assert split == whole
@@ -411,3 +418,40 @@ def test_stop_during_the_final_evaluation_then_rerun_gives_the_same_results(demo
     for key in ("val_top1", "val_top5", "val_loss", "best_top1", "train_loss"):
         assert [r[key] for r in _log(tmp_path / "split")] == [r[key] for r in _log(tmp_path / "whole")], key
     assert_same_weights(tmp_path / "whole" / "best.pt", tmp_path / "split" / "best.pt")
+
+
+def test_best_pt_holds_the_best_epoch_not_the_last(demo_root, pretrain_ckpt, tmp_path, monkeypatch):
+    """Evaluations scripted to peak at the first of two epochs: best.pt holds that epoch's weights (its step, its
+    score), ckpt.pt the last epoch's, and the two differ."""
+    folders = data.image_folders(demo_root, "train", "val")
+    scripted = iter([50.0, 30.0])
+    monkeypatch.setattr(finetune, "evaluate", lambda *args: {"top1": next(scripted), "top5": 90.0, "loss": 1.0,
+                                                               "samples": 40})
+    cfg = _fit_settings(demo_root, pretrain_ckpt, tmp_path / "out", epochs=2, micro_batch_size=16)
+    result = finetune.fit(cfg, *folders, common.Dist("cpu"))
+    steps_per_epoch = len(folders[0]) // 16
+    best, last = (common.load_checkpoint(str(tmp_path / "out" / name)) for name in ("best.pt", "ckpt.pt"))
+    assert (best["step"], best["epoch"], best["metrics"]["top1"]) == (steps_per_epoch, 1, 50.0)
+    assert (last["step"], last["epoch"], last["metrics"]["top1"]) == (2 * steps_per_epoch, 2, 30.0)
+    assert result["top1"] == 30.0 and result["best_top1"] == 50.0
+    assert any(not torch.equal(best["model"][k], last["model"][k]) for k in best["model"])
+
+
+def test_a_segmentation_checkpoint_gives_its_backbone_without_a_wall_of_unexpected_keys(tmp_path):
+    """A segmenter's ckpt.pt holds backbone.*, the UperNet and auxiliary heads: fine-tuning takes the backbone and
+    reports only the classifier's new parts as missing (it listed ~100 unexpected keys before)."""
+    import model
+    backbone = model.VisionTransformer(**dict(TINY_ARGS, shared_rel_pos=False))
+    torch.manual_seed(4)
+    for p in backbone.parameters():
+        torch.nn.init.normal_(p)
+    segmenter = model.UperNetSegmenter(backbone, 3, channels=16, aux_channels=8)
+    common.save_checkpoint({"model": segmenter.state_dict(), "backbone_args": dict(TINY_ARGS, shared_rel_pos=False),
+                            "head_args": {"num_classes": 3}, "stage": "segment"}, str(tmp_path / "seg.pt"))
+    messages = []
+    net = _classifier()
+    finetune.init_model(net, str(tmp_path / "seg.pt"), log=messages.append)
+    assert messages == ["loaded backbone: missing keys ['fc_norm.weight', 'fc_norm.bias', 'head.weight', "
+                        "'head.bias']; unexpected keys none"]
+    for name, value in segmenter.backbone.state_dict().items():
+        assert torch.equal(net.state_dict()[name], value), name

@@ -259,3 +259,56 @@ def test_new_schedules_compile_no_new_graph():
         torch.testing.assert_close(value, dtm_loss(pred, target, schedule_tensor(schedules)))
         assert len(graphs) == 1, f"call {i} compiled a new graph"
     assert len(schedules_seen) == 11
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_exact_ties_break_as_the_reference_loop_breaks_them(seed):
+    """196 one-hot tokens of only 4 distinct values (float64) tie exactly: most A tokens have many B partners at
+    cosine 1, and most scores are equal. Ties go to the first partner and, among equal scores, to the first A
+    token (a stable ranking), as in ToMe and the reference loop. Random tokens never tie: this test fails where
+    they pass if the ranking is not stable, or ties go to the last partner or the last A token."""
+    kinds = torch.randint(0, 4, (2, 196), generator=torch.Generator().manual_seed(seed))
+    tokens = F.one_hot(kinds, 4).to(torch.float64)
+    for schedule in ([14] * 7, [40, 40], [98]):
+        assert_matches_reference(tokens, schedule)
+
+
+def per_group_shortcut(pred, target, schedules, loss, beta=2.0):
+    """The earlier formulation of dtm_loss, written here independently: every member of a group has the same
+    morphed tokens, so take the loss once per group, weighted by its size; smooth-L1 and L2 depend on pred -
+    target only, so morph the difference (cosine: both sides, concatenated)."""
+    groups = morph_groups(target, schedule_tensor(schedules))  # [L, B, N]
+    total = 0.0
+    for g in groups:
+        same = (g[:, :, None] == torch.arange(g.shape[1])[None, None, :]).to(pred.dtype)  # [B, N, slots]
+        sizes = same.sum(1)  # [B, slots]
+        mean = lambda x: (same.mT @ x) / sizes.clamp(min=1)[..., None]  # the group means, [B, slots, C]
+        if loss == "cosine":
+            per_group = 1 - F.cosine_similarity(mean(pred), mean(target), dim=-1)
+        else:
+            d = mean(pred - target)
+            per_group = (torch.where(d.abs() < beta, 0.5 * d ** 2 / beta, d.abs() - 0.5 * beta) if loss == "smooth_l1"
+                         else d ** 2).mean(-1)
+        total = total + (per_group * sizes).sum() / g.numel()
+    return total / len(schedules)
+
+
+@pytest.mark.parametrize("loss", ["smooth_l1", "l2", "cosine"])
+@pytest.mark.parametrize("clustered", [False, True])
+def test_dtm_loss_equals_the_per_group_shortcut_in_values_and_gradients(loss, clustered):
+    """morph.py compares every morphed token literally; the earlier per-group shortcut must give the same loss
+    and gradients (float64), on random and on clustered tokens (many near-ties in the matching)."""
+    rng = random.Random(len(loss) + clustered)
+    for trial in range(10):
+        torch.manual_seed(trial)
+        target = torch.randn(3, 49, 8, dtype=torch.float64) * 2
+        if clustered:
+            target = target / 4 + torch.randn(3, 49, 1, dtype=torch.float64)
+        pred = (target + torch.randn_like(target)).requires_grad_(True)
+        schedules = [sample_schedule(49, 8, rng) for _ in range(2)]
+        ours = dtm_loss(pred, target, schedule_tensor(schedules), loss)
+        theirs = per_group_shortcut(pred, target, schedules, loss)
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-15)
+        grad_ours, = torch.autograd.grad(ours, pred)
+        grad_theirs, = torch.autograd.grad(theirs, pred)
+        torch.testing.assert_close(grad_ours, grad_theirs, rtol=1e-10, atol=1e-17)

@@ -327,7 +327,7 @@ def test_cifar10_images_through_the_pretraining_pipeline(cifar10):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_sigterm_mid_epoch_then_rerun_gives_bit_identical_weights(demo_root, tmp_path, monkeypatch, workers):
+def test_sigterm_mid_epoch_then_rerun_gives_bit_identical_weights(demo_root, tmp_path, monkeypatch, workers, capsys):
     """Stopped by SIGTERM at step 3 of a 7-step epoch (2 micro-batches a step), then run again: the weights at
     the epoch's end equal an uninterrupted run's bit for bit (crops, masks, drop path, schedules by position)."""
     import pretrain
@@ -341,6 +341,8 @@ def test_sigterm_mid_epoch_then_rerun_gives_bit_identical_weights(demo_root, tmp
     pretrain.main(settings(tmp_path / "whole"))
     code = stopped_run_exit_code(monkeypatch, 3, lambda: pretrain.main(settings(tmp_path / "split")))
     assert code == 130 and common.load_checkpoint(str(tmp_path / "split" / "ckpt.pt"))["step"] == 3
+    stopped = f"stopped: saved {tmp_path / 'split' / 'ckpt.pt'}; run the same command to resume"
+    assert stopped in capsys.readouterr().out
     pretrain.main(settings(tmp_path / "split"))
     assert_same_weights(tmp_path / "whole" / "ckpt.pt", tmp_path / "split" / "ckpt.pt")
     whole, split = read_log(tmp_path / "whole"), read_log(tmp_path / "split")
@@ -362,3 +364,87 @@ def test_a_diverging_run_leaves_a_finite_checkpoint_that_trains_again(demo_root,
     run_script(tiny_pretrain_args(demo_root, tmp_path, *args, "--epochs=3"))  # the rerun from it trains
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3]
     assert all(0 < r["loss"] < 10 for r in read_log(tmp_path))
+
+
+def replayed_schedules(seed: int, rank: int, step: int, micro: int, count: int, n_max: int, k_max: int):
+    """The schedules of one micro-batch, drawn here independently: Python's random seeded by the 63-bit seed
+    SeedSequence mixes from (seed, rank, step, micro-batch), then `count` draws of n ~ U{0..n_max} merges in
+    k ~ U{1..k_max} equal rounds (rounded up unless that would merge more than n_max), padded to k_max."""
+    import numpy as np
+    rng = random.Random(int(np.random.SeedSequence([seed, rank, step, micro]).generate_state(1, np.uint64)[0] >> 1))
+    drawn = []
+    for _ in range(count):
+        n, k = rng.randint(0, n_max), rng.randint(1, k_max)
+        r = -(-n // k) if -(-n // k) * k <= n_max else n // k
+        drawn.append([r] * k + [0] * (k_max - k))
+    return drawn
+
+
+def test_each_rank_and_micro_batch_draws_its_own_schedules_from_its_position(demo_root, tmp_path):
+    """2 processes (gloo) x 2 micro-batches a step, DTM on, 2 steps: the schedules every training call of the loss
+    gets equal an independent replay of the draw of its (seed, rank, step, micro-batch), so they differ between
+    micro-batches, steps and ranks. Drawing once per step or per run, from a fixed generator, or without the rank
+    in the seed, fails here."""
+    from conftest import free_port
+    log = tmp_path / "schedules"
+    run_script(["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                os.path.join("tests", "pretrain_recording_schedules.py"),
+                *tiny_pretrain_args(demo_root, tmp_path / "out", "--micro_batch_size=4", "--max_steps=2",
+                                    "--num_schedules=2", "--n_max=64", "--k_max=8", "--seed=5")[1:]],
+               env={"SCHEDULES_LOG": str(log)})
+    by_rank = {}
+    for rank in (0, 1):
+        with open(f"{log}.{rank}") as f:
+            calls = [json.loads(line) for line in f]
+        training = [c["schedules"] for c in calls if c["training"]]
+        expected = [replayed_schedules(5, rank, step, micro, 2, 64, 8) for step in range(2) for micro in range(2)]
+        assert training == expected, rank
+        by_rank[rank] = training
+    assert by_rank[0] != by_rank[1]  # each rank its own
+    assert len({json.dumps(s) for s in by_rank[0]}) == 4  # each micro-batch of each step its own
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"k_max": 0}, "k_max=0 with dtm=True: a schedule has k ~ U{1..k_max} matching rounds; give k_max >= 1"),
+    ({"img_size": 60}, "img_size=60 is not a multiple of patch_size=8: the patch grid must cover the image, "
+                       "e.g. --img_size=56"),
+    ({"n_max": 65}, "n_max=65 is more than the 64 tokens a schedule can merge away"),
+    ({"num_schedules": 0}, "num_schedules=0 with dtm=True would train token-wise"),
+])
+def test_settings_that_cannot_work_are_refused_before_any_work(demo_root, tmp_path, change, message):
+    """Each was found deep in the run (a randrange error, a tensor-size mismatch) or not at all (n_max silently
+    clamped, no schedule: silently token-wise)."""
+    import re
+    import pretrain
+    from conftest import stage_settings
+    cfg = stage_settings(pretrain, "config/pretrain_demo.py", demo_data="", data_dir=f"{demo_root}/train",
+                         out_dir=str(tmp_path / "out"), **RANDOM_TEACHER, **change)
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        pretrain.main(cfg)
+    assert not os.path.exists(tmp_path / "out")
+    if "k_max" in change or "num_schedules" in change:  # the token-wise baseline needs no schedule
+        pretrain.check_settings(stage_settings(pretrain, "config/pretrain_demo.py", **RANDOM_TEACHER, **change,
+                                               dtm=False))
+
+
+def test_a_dataset_root_as_data_dir_is_refused_naming_its_train_folder(demo_root, tmp_path):
+    """The demo root holds train/, val/ and ADEChallengeData2016/: taken as an ImageFolder, those would be three
+    'classes', and the run would train on the val images and the segmentation label maps."""
+    import pretrain
+    from conftest import stage_settings
+    cfg = stage_settings(pretrain, "config/pretrain_demo.py", demo_data="", data_dir=demo_root,
+                         out_dir=str(tmp_path / "out"), **RANDOM_TEACHER)
+    with pytest.raises(SystemExit, match=rf"data_dir='{demo_root}' holds the splits train, val as if they were "
+                                         rf"classes: pass the training images' folder, e.g. --data_dir={demo_root}/train"):
+        pretrain.main(cfg)
+    assert not os.path.exists(tmp_path / "out" / "ckpt.pt")
+
+
+def test_the_teacher_must_give_the_students_patch_grid():
+    class Teacher(torch.nn.Module):  # one token per 8 x 8 patch, whatever the student's patch size
+        def forward(self, images):
+            return torch.zeros(len(images), (images.shape[-1] // 8) ** 2, 4)
+    teacher.check_patch_grid(Teacher(), 64, 8, torch.device("cpu"))  # 64 targets for 64 student tokens
+    with pytest.raises(SystemExit, match=r"the teacher gives 64 tokens for a 64px image, the student 16 "
+                                         r"\(patch_size=16\): give them the same patch grid"):
+        teacher.check_patch_grid(Teacher(), 64, 16, torch.device("cpu"))

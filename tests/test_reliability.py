@@ -286,3 +286,34 @@ def test_default_workers_fit_the_cores_this_process_may_use():
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             torch.utils.data.DataLoader(range(4), num_workers=module.workers)
+
+
+def test_a_read_only_out_dir_on_a_full_disk_is_reported_read_only(tmp_path, monkeypatch):
+    """The read-only answer comes first: a read-only disk that is also nearly full is not 'no space left'."""
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    cause = common._likely_cause(str(tmp_path / "ckpt.pt"), OSError(errno.EROFS, "Read-only file system"))
+    assert cause == f"{tmp_path} is read-only or not writable by this user"
+    assert "no space left" in common._likely_cause(str(tmp_path / "ckpt.pt"), OSError(errno.ENOSPC, "No space"))
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune", "segment"])
+def test_an_out_dir_in_use_is_refused_before_any_setup(stage, demo_root, pretrain_ckpt, tmp_path, monkeypatch):
+    """The lock comes first: no teacher, data set or model is built for a run that cannot write its results."""
+    import importlib
+    from conftest import RANDOM_TEACHER, stage_settings
+    module = importlib.import_module(stage)
+
+    def setup(*args, **kwargs):
+        raise AssertionError("set-up work began before the out_dir lock was taken")
+    for name in ("ImageFolder", "image_folders", "ADE20K"):
+        monkeypatch.setattr(data, name, setup)
+    if stage == "pretrain":
+        monkeypatch.setattr(module, "build_teacher", setup)
+    given = {"pretrain": dict(data_dir=f"{demo_root}/train", **RANDOM_TEACHER),
+             "finetune": dict(data_dir=demo_root, init_from=pretrain_ckpt),
+             "segment": dict(data_dir=f"{demo_root}/ADEChallengeData2016", init_from=pretrain_ckpt)}[stage]
+    cfg = stage_settings(module, f"config/{stage}_demo.py", demo_data="", out_dir=str(tmp_path / "out"),
+                         device="cpu", **given)
+    with common.OutDirLock(str(tmp_path / "out")):  # a first run holds it
+        with pytest.raises(SystemExit, match=f"out_dir='{tmp_path / 'out'}' is in use by another run"):
+            module.main(cfg)

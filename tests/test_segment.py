@@ -229,6 +229,61 @@ def test_pretraining_checkpoint_converts_to_segmenter(pretrain_ckpt):
     torch.testing.assert_close(net.backbone.blocks[1].mlp.fc2.weight.data, state["blocks.1.mlp.fc2.weight"])
 
 
+def test_a_linear_probe_checkpoint_gives_its_backbone_and_the_segmenter_says_what_it_built(pretrain_ckpt, tmp_path,
+                                                                                          capsys):
+    """A probe's weights are its backbone's (backbone.*) beside BatchNorm and head: the segmenter takes the
+    backbone (it trained a random one before, silently). The printed line says the checkpoint's depth, 2, where
+    the settings say 6."""
+    import finetune
+    ckpt = common.load_checkpoint(pretrain_ckpt)
+    args = dict(ckpt["model_args"], mask_token=False, out_dim=0, shared_rel_pos=False)
+    probe = finetune.LinearProbe(model.VisionTransformer(**args), -1, 10)
+    torch.manual_seed(3)
+    for p in probe.backbone.parameters():
+        torch.nn.init.normal_(p)  # weights that only a real load reproduces
+    common.save_checkpoint({"model": probe.state_dict(), "model_args": args, "probe": {"block": -1, "num_classes": 10},
+                            "classes": [str(i) for i in range(10)], "stage": "finetune"}, str(tmp_path / "probe.pt"))
+    cfg = settings(segment, init_from=str(tmp_path / "probe.pt"), crop_size=64, num_classes=14, channels=32,
+                   model="tiny", depth=6)
+    net, built, _ = segment.build_segmenter(cfg, common.Dist("cpu"))
+    assert built["depth"] == 2 and "depth 2" in capsys.readouterr().out
+    for name, value in probe.backbone.state_dict().items():
+        if not name.startswith("norm."):  # the segmenter reads block outputs: no final norm
+            assert torch.equal(net.backbone.state_dict()[name], value), name
+
+
+def test_a_checkpoint_that_would_leave_the_backbone_untrained_is_refused_naming_file_and_contents(tmp_path):
+    """Weights under names the backbone does not have (here a wrapper's prefix) would leave every block at random
+    init: refused, naming the file and what it holds, rather than training from scratch silently."""
+    net = model.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mask_token=True,
+                                  out_dim=8)
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mask_token=True, out_dim=8)
+    common.save_checkpoint({"model": {f"student.{k}": v for k, v in net.state_dict().items()}, "model_args": args},
+                           str(tmp_path / "wrapped.pt"))
+    cfg = settings(segment, init_from=str(tmp_path / "wrapped.pt"), crop_size=32, num_classes=3, channels=16)
+    with pytest.raises(SystemExit, match=rf"init_from='{tmp_path / 'wrapped.pt'}': the checkpoint leaves .* at random "
+                                         rf"init, e.g. .*it holds student"):
+        segment.build_segmenter(cfg, common.Dist("cpu"))
+
+
+def test_a_stop_during_an_evaluation_ends_it_and_the_rerun_evaluates(tmp_path, monkeypatch):
+    """A long evaluation does not make a stop wait: it ends at the next image, and returns None (not a score)."""
+    class Stop:
+        def __init__(self):
+            self.calls = 0
+
+        def now(self, sync_point=True):
+            self.calls += 1
+            return self.calls > 1  # asked for while the first image was scored
+    images = [(torch.randn(3, 24, 24), torch.randint(0, 3, (24, 24))) for _ in range(5)]
+    seen = []
+    net = torch.nn.Conv2d(3, 3, 1)
+    monkeypatch.setattr(segment, "slide_inference", lambda *args: seen.append(1) or torch.zeros(1, 3, 24, 24))
+    assert segment.evaluate(net, images, common.Dist("cpu"), 3, crop_size=16, stride=8, stop=Stop()) is None
+    assert len(seen) == 1  # one image scored of five
+    assert segment.evaluate(net, images, common.Dist("cpu"), 3, crop_size=16, stride=8)["mIoU"] >= 0
+
+
 # -------------------------------------------------------------------------------------------------- bad input
 def _write_pair(root, split, name, label, image=True):
     for sub in ("images", "annotations"):
@@ -342,7 +397,7 @@ def test_demo_on_gpu_with_bf16_and_compile(demo_root, tmp_path):
     assert len(evals) == 1 and 0 <= evals[0]["mIoU"] <= 100
 
 
-def test_sigterm_mid_epoch_then_rerun_gives_bit_identical_weights(odd_demo, tmp_path, monkeypatch):
+def test_sigterm_mid_epoch_then_rerun_gives_bit_identical_weights(odd_demo, tmp_path, monkeypatch, capsys):
     """SIGTERM at iteration 3 (mid-epoch, 2 micro-batches an iteration, 2 workers), then a rerun: the final
     weights, BatchNorm statistics and evaluation equal an uninterrupted run's."""
     from conftest import assert_same_weights, stage_settings, stopped_run_exit_code
@@ -356,6 +411,7 @@ def test_sigterm_mid_epoch_then_rerun_gives_bit_identical_weights(odd_demo, tmp_
     whole = segment.main(settings(tmp_path / "whole"))
     code = stopped_run_exit_code(monkeypatch, 3, lambda: segment.main(settings(tmp_path / "split")))
     assert code == 130 and common.load_checkpoint(str(tmp_path / "split" / "ckpt.pt"))["step"] == 3
+    assert f"stopped: saved {tmp_path / 'split' / 'ckpt.pt'}; run the same command to resume" in capsys.readouterr().out
     split = segment.main(settings(tmp_path / "split"))
     assert_same_weights(tmp_path / "whole" / "ckpt.pt", tmp_path / "split" / "ckpt.pt")
     assert split["mIoU"] == whole["mIoU"]

@@ -71,6 +71,22 @@ def test_evaluation_logits_are_fp32():
     assert set(net.dtypes) == {torch.bfloat16}
 
 
+@pytest.mark.parametrize("asked", [None, True])
+def test_the_stage_evaluates_in_fp32_unless_its_setting_asks(demo_root, tmp_path, monkeypatch, asked):
+    """What segment.main passes, from the script's own default (not evaluate()'s): on a device whose autocast is
+    bf16, every evaluation runs without autocast, unless --eval_autocast=True."""
+    monkeypatch.setattr(common, "Dist", _Bf16Dist)  # segment.main's Dist: bf16 autocast, as on a GPU
+    during_evaluation, slide = [], segment.slide_inference
+
+    def spy(*args, **kwargs):
+        during_evaluation.append(torch.is_autocast_enabled("cpu"))
+        return slide(*args, **kwargs)
+    monkeypatch.setattr(segment, "slide_inference", spy)
+    given = {} if asked is None else {"eval_autocast": asked}
+    segment.main(_demo_settings(monkeypatch, demo_root, tmp_path / "out", iters=2, **given))
+    assert during_evaluation and set(during_evaluation) == {asked is True}
+
+
 def test_accumulated_one_process_run_is_refused_naming_the_batchnorm_difference(demo_root, tmp_path, monkeypatch):
     settings = _demo_settings(monkeypatch, demo_root, tmp_path / "out", batch_size=8, micro_batch_size=2)
     with pytest.raises(SystemExit, match=r"BatchNorm would normalise over 2 images .* whole batch of batch_size=8"):

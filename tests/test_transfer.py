@@ -12,6 +12,7 @@ import pytest
 import scipy.io as sio
 from PIL import Image
 
+import common
 import eval_transfer
 from conftest import ROOT, run_script
 
@@ -332,6 +333,32 @@ def test_a_second_run_skips_finished_datasets(killed_then_rerun):
     assert "demo_coarse: finished earlier" in again.stdout and "demo_fine: finished earlier" in again.stdout
     assert "epoch 0" not in again.stdout and "loaded backbone" not in again.stdout
     assert len(_lines(os.path.join(out, "demo_fine", "log.jsonl"))) == 3
+
+
+def test_a_rerun_with_other_settings_is_refused_not_answered_with_the_old_result(killed_then_rerun, demo_root,
+                                                                                 pretrain_ckpt):
+    """A finished dataset is skipped only for the same settings: the same command with --epochs=5 must not print
+    the 3-epoch result as its own. Refused before any work, naming what differs; nothing is changed."""
+    out, *_ = killed_then_rerun
+    before = {name: open(os.path.join(out, name), "rb").read() for name in ("results.json", "results.md")}
+    proc = run_script([*_demo_args(demo_root, pretrain_ckpt, out), "--epochs=5"], check=False, env=ONE_THREAD)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"demo_coarse finished in {out} with other settings (epochs differ)" in proc.stderr
+    assert "finished earlier" not in proc.stdout
+    assert before == {name: open(os.path.join(out, name), "rb").read() for name in before}
+
+
+def test_an_interrupted_dataset_is_not_resumed_with_other_settings(demo_root, pretrain_ckpt, tmp_path):
+    """A dataset begun (its ckpt.pt) but not finished, rerun with another lr: refused, not continued with it."""
+    import configurator
+    args = _demo_args(demo_root, pretrain_ckpt, tmp_path)
+    cfg = configurator.settings(eval_transfer, *args[1:2], **command_line([*args[2:], "--datasets=demo_coarse"]))
+    run, _ = eval_transfer.dataset_runs(cfg)["demo_coarse"]
+    common.save_checkpoint({"config": vars(run), "stage": "finetune"}, os.path.join(run.out_dir, "ckpt.pt"))
+    changed = configurator.settings(eval_transfer, *args[1:2], **command_line([*args[2:], "--datasets=demo_coarse",
+                                                                               "--lr=0.01"]))
+    with pytest.raises(SystemExit, match=r"demo_coarse was begun in .* with other settings \(lr differ\)"):
+        eval_transfer.main(changed)
 
 
 def test_sigterm_during_the_final_evaluation_then_rerun_reports_the_final_epoch(demo_root, pretrain_ckpt, tmp_path,
