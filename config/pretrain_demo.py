@@ -1,8 +1,9 @@
 # Offline demo, step 2: DTM pre-training of a tiny ViT on the generated 64-px shapes dataset, distilling the
-# small teacher of step 1 (a 2-block ViT that learned the background textures). No download; a few minutes on
-# 2 CPU cores.
+# small teacher of step 1 (a one-block ViT that learned the background textures). No download; about a minute
+# on 2 CPU cores.
 #   python eval_transfer.py config/transfer_demo_teacher.py       # step 1, once: the teacher
 #   python pretrain.py config/pretrain_demo.py
+#   torchrun --nproc_per_node=2 pretrain.py config/pretrain_demo.py   # the same on 2 processes (gloo on CPU)
 out_dir = "out/pretrain_demo"
 demo_data = "data/demo"
 data_dir = "data/demo/train"
@@ -18,6 +19,6 @@ k_max = 8
 epochs = 6
 warmup_epochs = 1
 batch_size = 64
-micro_batch_size = 64
+micro_batch_size = 32  # 2 micro-batches on one process, 1 on each of 2 (torchrun)
 workers = 2
 log_interval = 1

@@ -6,9 +6,11 @@
 #   3. bench.py at ViT-B/16 (batch 128, bf16 autocast, compiled) with a randomly initialised ViT-B/16 CLIP
 #      teacher: step time, images/s, peak memory, MFU, DTM overhead, dtm_loss vs the dense formulation,
 #      the compile time and graph count of torch.compile(dtm_loss, fullgraph=True);
-#      then our ViT-B/16 against timm's BEiT (eager, bf16);
+#      then our ViT-B/16 against timm's BEiT (bf16, eager and compiled);
+#   4. bench.py --parts=data: the CPU cost per image of every training pipeline and the cores per GPU each needs
+#      at the images/s the step benchmark printed above;
 # printing every figure. It installs and downloads nothing, and uses `python` as found (or $PYTHON).
-# Every stage has a time limit (together 535 s), so the whole check ends within 9 minutes even if one hangs.
+# Every stage has a time limit (together 580 s), so the whole check ends within 10 minutes even if one hangs.
 # With $OUT set, a copy of all output goes to $OUT/gpu_check.log.
 #
 #   bash scripts/gpu_check.sh
@@ -59,10 +61,10 @@ if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
   exit 1
 fi
 
-stage "1/4 CUDA-marked tests"
-run 260 "cuda tests" $PY -m pytest -q -m cuda tests -p no:cacheprovider -rs
+stage "1/5 CUDA-marked tests"
+run 220 "cuda tests" $PY -m pytest -q -m cuda tests -p no:cacheprovider -rs
 
-stage "2/4 the demo's teacher (one epoch), then 30 steps of the demo pre-training on CUDA"
+stage "2/5 the demo's teacher (one epoch), then 30 steps of the demo pre-training on CUDA"
 TMP=$(mktemp -d)
 run 25 "demo teacher" $PY eval_transfer.py config/transfer_demo_teacher.py --device=cuda --epochs=1 \
   --demo_data="$TMP/demo" --out_dir="$TMP/teacher"
@@ -71,12 +73,18 @@ run 40 "demo pre-training" $PY pretrain.py config/pretrain_demo.py --device=cuda
   --teacher="$TMP/teacher/demo_coarse/ckpt.pt"
 [ -f "$TMP/pretrain/log.jsonl" ] && { echo "log.jsonl (one line per epoch):"; cat "$TMP/pretrain/log.jsonl"; }
 
-stage "3/4 bench.py: ViT-B/16 student, random ViT-B/16 CLIP teacher, 224 px, batch 128, bf16, compiled"
-run 175 "bench step+loss" $PY bench.py --parts=step,loss --model=base --batch_size=128 --compile \
-  --device=cuda --warmup=3 --iters=10
+stage "3/5 bench.py: ViT-B/16 student, random ViT-B/16 CLIP teacher, 224 px, batch 128, bf16, compiled"
+run 160 "bench step+loss" $PY bench.py --parts=step,loss --model=base --batch_size=128 --compile \
+  --device=cuda --warmup=3 --iters=10 > >(tee /tmp/gpu_check_step.log)  # (not a pipe: run's FAILED stays here)
+sleep 1  # tee's last lines
+IMAGES_PER_S=$(grep -m1 "DTM step" /tmp/gpu_check_step.log | grep -o "[0-9.]* images/s" | cut -d" " -f1)
 
-stage "4/4 bench.py: our ViT-B/16 vs timm's BEiT, forward + backward, batch 128, bf16, eager"
-run 35 "bench vit" $PY bench.py --parts=vit --model=base --batch_size=128 --device=cuda --warmup=3 --iters=10
+stage "4/5 bench.py: our ViT-B/16 vs timm's BEiT, forward + backward, batch 128, bf16, eager and compiled"
+run 70 "bench vit" $PY bench.py --parts=vit --model=base --batch_size=128 --device=cuda --compile --warmup=3 \
+  --iters=10
+
+stage "5/5 bench.py: the data pipelines' CPU time per image, and the cores per GPU at ${IMAGES_PER_S:-1343} images/s"
+run 45 "bench data" $PY bench.py --parts=data --gpu_images_per_s="${IMAGES_PER_S:-1343}"
 
 rm -rf "$TMP"
 stage "done"

@@ -1,5 +1,6 @@
 """Faults and hostile inputs around the runs: failed writes, unusable or shared out_dirs, a killed launcher,
 checkpoints of another stage, odd images, broken JSON files."""
+import contextlib
 import errno
 import json
 import os
@@ -121,21 +122,30 @@ def test_a_stage_script_refuses_an_out_dir_in_use(demo_root, tmp_path):
 
 # ----------------------------------------------------------------------------------------- killed launcher
 CHILD = """
-import signal, sys, time
+import os, signal, sys, time
 import common
 def stop(*_):
     open(sys.argv[1] + '.stopped', 'w').close()
     sys.exit(0)
 signal.signal(signal.SIGTERM, stop)  # the stage scripts checkpoint here
 common.Dist('cpu')  # under torchrun (LOCAL_RANK is set): arms the parent-death signal
-open(sys.argv[1] + '.ready', 'w').close()
-time.sleep(60)
+with open(sys.argv[1] + '.ready', 'w') as f:
+    f.write(str(os.getpid()))
+time.sleep(900)
 """
 PARENT = """
 import subprocess, sys, time
 subprocess.Popen([sys.executable, '-c', sys.argv[1], sys.argv[2]])
-time.sleep(60)
+time.sleep(900)
 """
+
+
+def wait_for(path: str, alive=lambda: True, guard: float = 600) -> bool:
+    """Whether `path` appears while `alive()`; the guard (seconds) only keeps a broken run from hanging the suite."""
+    end = time.time() + guard
+    while not os.path.exists(path) and alive() and time.time() < end:
+        time.sleep(0.05)
+    return os.path.exists(path)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
@@ -144,17 +154,17 @@ def test_workers_get_sigterm_when_the_launcher_is_killed(tmp_path):
     env = {**os.environ, "LOCAL_RANK": "0", "WORLD_SIZE": "1", "RANK": "0"}
     launcher = subprocess.Popen([sys.executable, "-c", PARENT, CHILD, mark], cwd=ROOT, env=env)
     try:
-        deadline = time.time() + 120
-        while not os.path.exists(mark + ".ready"):
-            assert time.time() < deadline and launcher.poll() is None, "the worker never started"
-            time.sleep(0.05)
+        assert wait_for(mark + ".ready", alive=lambda: launcher.poll() is None), "the worker never started"
     finally:
         launcher.kill()  # kill -9: the launcher cannot stop its workers itself
         launcher.wait()
-    deadline = time.time() + 5
-    while not os.path.exists(mark + ".stopped") and time.time() < deadline:
-        time.sleep(0.05)
-    assert os.path.exists(mark + ".stopped"), "the worker outlived its launcher by 5 s"
+    with open(mark + ".ready") as f:
+        worker = int(f.read())
+    try:  # without the parent-death signal the worker would sleep on (900 s) and never write its mark
+        assert wait_for(mark + ".stopped", guard=300), "the worker outlived its launcher: no SIGTERM reached it"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, 9)
 
 
 # ------------------------------------------------------------------------------------ checkpoint stages
