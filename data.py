@@ -51,7 +51,8 @@ def load_image(path: str) -> Image.Image:
             if image.mode == "F" or pixels.max(initial=0) > 65535:
                 raise OSError(f"{image.mode} image with values up to {pixels.max():g}: not a 16-bit image")
             return Image.fromarray(np.round(pixels / 257).astype(np.uint8)).convert("RGB")
-        return image.convert("RGB")
+        image.load()  # decode now, before the file closes
+        return image if image.mode == "RGB" else image.convert("RGB")  # convert() of an RGB image would copy it
 
 
 def load_sample(samples: list, index: int):
