@@ -314,8 +314,9 @@ def color_jitter(images: torch.Tensor, jitter: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------- fine-tuning
 def finetune_train_transform(cfg):
-    """uint8 PIL image -> normalised float tensor. Fine-tuning: BEiT/DeiT augmentation; linear probing:
-    crop and flip only (MAE)."""
+    """uint8 PIL image -> (uint8 tensor [3, S, S], erase box). Fine-tuning: BEiT/DeiT augmentation; linear
+    probing: crop and flip only (MAE). Normalisation and random erasing happen on the device (finetune.fit): the
+    worker hands over uint8, a quarter of float32's bytes, and draws the erase box (EraseBox)."""
     ops = [v2.PILToTensor(),
            v2.RandomResizedCrop(cfg.img_size, scale=tuple(cfg.crop_scale),
                                 interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
@@ -323,20 +324,49 @@ def finetune_train_transform(cfg):
     if cfg.randaug_ops and not cfg.linear_probe:
         ops.append(v2.RandAugment(cfg.randaug_ops, cfg.randaug_magnitude,
                                   interpolation=v2.InterpolationMode.BILINEAR, fill=list(MEAN_FILL)))
-    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)]
-    if cfg.erase_prob and not cfg.linear_probe:  # on the normalised image, per-pixel N(0, 1) noise (timm 'pixel')
-        ops.append(v2.RandomErasing(cfg.erase_prob, value="random"))
-    return v2.Compose(ops)
+    return EraseBox(v2.Compose(ops), 0.0 if cfg.linear_probe else cfg.erase_prob)
+
+
+class EraseBox:
+    """timm's RandomErasing as BEiT uses it ('pixel' mode: per-pixel N(0, 1) noise on the NORMALISED image), split
+    in two since normalisation moved to the device: here, after `augment`, the box is drawn as
+    v2.RandomErasing(prob) draws it (its coin, then its make_params: area 0.02-0.33 of the image, aspect ratio
+    0.3-3.3), from the sample's seeded RNG; erase() fills it with noise on the device. Returns (uint8 image,
+    box [top, left, height, width]; height 0: nothing to erase)."""
+
+    def __init__(self, augment, prob: float):
+        self.augment = augment
+        self.erasing = v2.RandomErasing(prob, value=0)  # a fixed value: make_params draws the box and no noise
+
+    def __call__(self, image):
+        image = self.augment(image)
+        box = torch.zeros(4, dtype=torch.int64)
+        if self.erasing.p > 0 and torch.rand(1).item() < self.erasing.p:  # v2.RandomErasing's coin
+            params = self.erasing.make_params([image])
+            if params["v"] is not None:  # None: no box fitted in 10 tries, nothing is erased
+                box = torch.tensor([params["i"], params["j"], params["h"], params["w"]])
+        return image, box
+
+
+def erase(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """EraseBox's second half, on the device: normalised images [B, 3, H, W] with each sample's box (boxes [B, 4],
+    on the CPU, from the loader) filled with per-pixel N(0, 1) noise drawn from torch's RNG there, which the
+    training loop seeds per micro-batch. No box in the batch: no noise drawn."""
+    if not boxes[:, 2].any():
+        return images
+    top, left, height, width = boxes.to(images.device).view(-1, 4, 1, 1).unbind(1)
+    rows = torch.arange(images.shape[-2], device=images.device).view(1, -1, 1)
+    cols = torch.arange(images.shape[-1], device=images.device).view(1, 1, -1)
+    inside = (rows >= top) & (rows < top + height) & (cols >= left) & (cols < left + width)
+    return torch.where(inside[:, None], torch.randn_like(images), images)
 
 
 def finetune_eval_transform(img_size: int, crop_pct: float):
-    """Resize to img_size / crop_pct (256 for 224), centre crop, normalise."""
+    """Resize to img_size / crop_pct (256 for 224), centre crop; uint8 (finetune.evaluate normalises on the device)."""
     return v2.Compose([
         v2.PILToTensor(),
         v2.Resize(int(img_size / crop_pct), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
         v2.CenterCrop(img_size),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD),
     ])
 
 

@@ -1,5 +1,5 @@
-"""data.py's pre-training pipeline (the worker's draws and crop, the colour jitter on the device), against
-torchvision's own transforms."""
+"""data.py's pre-training pipeline (the worker's draws and crop, the colour jitter on the device) and fine-tuning's
+random erasing split between worker and device, against torchvision's own transforms."""
 import math
 import os
 
@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 import bench
@@ -203,3 +204,51 @@ def test_teacher_and_student_see_the_same_jittered_image(demo_root, tmp_path, mo
         assert torch.equal(seen_by_teacher, after)
         assert torch.equal(seen_by_student, common.normalize(after, common.IMAGENET_MEAN, common.IMAGENET_STD))
         assert (before.int() - after.int()).abs().float().mean() > 1  # the jitter did something
+
+
+# ---------------------------------------------------------------------------------------------- fine-tuning
+def test_erase_box_is_v2_random_erasings_draw():
+    """Under the same seed, EraseBox's box is the region v2.RandomErasing(0.25) erases (its coin, then its box)."""
+    image = torch.zeros(3, 48, 64, dtype=torch.uint8)
+    ours, theirs = data.EraseBox(lambda x: x, 0.25), v2.RandomErasing(0.25, value=1)
+    erased = 0
+    for seed in range(400):
+        torch.manual_seed(seed)
+        _, box = ours(image)
+        torch.manual_seed(seed)
+        where = theirs(image)[0].nonzero()  # (row, column) of each erased pixel
+        expected = [0, 0, 0, 0]
+        if len(where):
+            (top, left), (bottom, right) = where.min(0).values.tolist(), where.max(0).values.tolist()
+            expected = [top, left, bottom - top + 1, right - left + 1]
+        assert box.tolist() == expected, seed
+        erased += len(where) > 0
+    assert 0.19 < erased / 400 < 0.31
+
+
+def test_erase_fills_each_box_with_standard_normal_noise_and_leaves_the_rest():
+    images = torch.full((3, 3, 40, 50), 7.0)
+    boxes = torch.tensor([[5, 10, 20, 30], [0, 0, 0, 0], [0, 0, 40, 50]])
+    torch.manual_seed(0)
+    out = data.erase(images, boxes)
+    inside = torch.zeros(3, 40, 50, dtype=torch.bool)
+    inside[0, 5:25, 10:40] = True
+    inside[2] = True
+    assert torch.equal(out.permute(1, 0, 2, 3)[:, ~inside], images.permute(1, 0, 2, 3)[:, ~inside])
+    noise = out.permute(1, 0, 2, 3)[:, inside]
+    assert abs(noise.mean()) < 0.05 and abs(noise.std() - 1) < 0.05
+    assert torch.equal(data.erase(images, torch.zeros(3, 4, dtype=torch.int64)), images)  # no box: as it was
+
+
+def test_finetuning_workers_hand_over_uint8():
+    from configurator import settings
+    import finetune
+    image = photos(1, 96, 80)[0]
+    torch.manual_seed(0)
+    for probe in (False, True):
+        cfg = settings(finetune, img_size=32, linear_probe=probe, erase_prob=1.0)
+        x, box = data.finetune_train_transform(cfg)(image)
+        assert x.dtype == torch.uint8 and x.shape == (3, 32, 32)
+        assert (box[2] > 0).item() != probe  # erase_prob 1: always a box, but never when linear probing
+    x = data.finetune_eval_transform(32, 0.875)(image)
+    assert x.dtype == torch.uint8 and x.shape == (3, 32, 32)
