@@ -128,6 +128,24 @@ def test_contrast_mean_is_the_whole_images_within_a_grey_level(source, request):
         assert data.contrast_mean(image, jitter) == pytest.approx(expected, abs=bound), order
 
 
+@pytest.mark.cuda
+def test_color_jitter_on_cuda_equals_the_cpus_and_never_waits_for_the_gpu():
+    """Static shapes, no .item(): the batch's jitter queues on the GPU without a host synchronisation."""
+    images = torch.stack([TF.pil_to_tensor(image) for image in photos(8, 160, 120)])
+    jitter = torch.tensor([order + factors + [80.0 + 10 * i] for i, (order, factors) in
+                           enumerate(random_jitters(len(images), 3))])
+    on_cpu = data.color_jitter(images, jitter)
+    images, jitter = images.cuda(), jitter.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        on_gpu = data.color_jitter(images, jitter)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    diff = (on_gpu.cpu().int() - on_cpu.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
+
+
 def coordinates_image(width=256, height=192):
     """R = x, G = y: a crop's pixels say where in the image they came from."""
     y, x = np.mgrid[0:height, 0:width]
