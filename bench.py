@@ -8,10 +8,15 @@
    matrices tracked over the rounds, morphing with two matmuls), worst case n = 196, k = 14, and the aten ops
    (and on GPU the kernels) one call of each dispatches; with --compile
    also torch.compile(dtm_loss, fullgraph=True): its compile time, its graphs, and that new schedules add none;
-3. our ViT's forward and backward against timm's BEiT of identical size (when timm is importable).
+3. our ViT's forward and backward against timm's BEiT of identical size (when timm is importable);
+4. (--parts=data, not run by default) the data pipelines on JPEGs it writes (ImageNet-sized, and ADE20K-sized
+   image and label pairs): CPU-ms per sample of the pre-training worker, of the pipeline it replaced ("before")
+   and of the official PIL one, of fine-tuning's and segmentation's training pipelines; the device-side colour
+   jitter per sample; a DataLoader's images/s with 1, 2 and all workers; the cores per GPU each pipeline needs.
 
     python bench.py --threads=2                                         # ViT-S/16 student, ViT-B/16 teacher, 224 px, batch 16
     python bench.py --model=base --batch_size=128 --compile --device=cuda   # the GPU figures (bf16 autocast)
+    python bench.py --parts=data --threads=1                            # the data pipelines (CPU-ms, loaders)
 
 The teacher is a randomly initialised open_clip model (timing only: no download, same cost as trained).
 """
@@ -21,21 +26,26 @@ import random
 import resource
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import v2
 
 import common
 import data
-from configurator import at_least, configure
+from configurator import at_least, configure, settings
 from model import SIZES, VisionTransformer, vit
 from morph import at_least_fp32, dtm_loss, sample_schedule, schedule_tensor
 from teacher import build_teacher
 
 # ------------------------------------------------------------------------------------------------- settings
-parts = "step,loss,vit"  # which benchmarks to run, comma-separated
+parts = "step,loss,vit"  # which benchmarks to run, comma-separated; also "data" (the data pipelines: see above)
 # the pre-training step (names as in pretrain.py)
 model = "small"
 depth = 0  # 0: the size's own depth
@@ -60,6 +70,12 @@ loss_tokens = 196
 loss_dim = 512
 loss_n = 196  # tokens merged away per schedule
 loss_k = 14  # rounds per schedule
+# the data pipelines (--parts=data)
+data_images = 60  # JPEGs written to a temp folder for the CPU figures: ImageNet-sized ones, and as many ADE20K pairs
+data_passes = 3  # CPU-ms per sample: the fastest of this many passes over the images
+loader_batch = 64  # the DataLoader's batch for the images/s figures
+loader_batches = 5  # batches timed per number of workers (after the first one, which starts the workers)
+gpu_images_per_s = 1343.0  # images/s one GPU pre-trains (the last H100 figure): the cores per GPU a pipeline needs
 # system
 device = "auto"
 compile = False
@@ -69,9 +85,9 @@ iters = 5  # timed iterations per variant
 peak_flops = 989e12  # the device's peak for MFU: H100 SXM bf16 dense; GPU only
 seed = 0
 # values configure() refuses beyond a wrong type: each setting's choices or range
-RULES = {"model": tuple(SIZES), "loss": ("smooth_l1", "l2", "cosine"),
+RULES = {"model": tuple(SIZES), "loss": ("smooth_l1", "l2", "cosine"), "gpu_images_per_s": at_least(0),
          **dict.fromkeys(("img_size", "patch_size", "batch_size", "min_block", "loss_batch", "loss_tokens", "loss_dim",
-                          "iters"), at_least(1)),
+                          "iters", "data_images", "data_passes", "loader_batch", "loader_batches"), at_least(1)),
          **dict.fromkeys(("depth", "num_masked", "num_schedules", "n_max", "k_max", "loss_n", "loss_k", "threads",
                           "warmup", "lr"), at_least(0))}
 
@@ -430,6 +446,142 @@ def bench_vit(cfg, dev: torch.device):
         print(f"  {memory(dev)}")
 
 
+# ---------------------------------------------------------------------------------------------- data pipelines
+# finetune.py's and segment.py's defaults (BEiT v2's ImageNet-1K and ADE20K recipes), repeated: bench.py is a
+# script and imports no other script (tests/test_bench.py checks that they still agree).
+FINETUNE_RECIPE = dict(img_size=224, crop_scale=(0.08, 1.0), randaug_ops=2, randaug_magnitude=9, erase_prob=0.25,
+                       linear_probe=False)
+SEGMENT_RECIPE = dict(num_classes=150, crop_size=512, scale=(2048, 512), ratio_range=(0.5, 2.0), cat_max_ratio=0.75)
+
+
+def photo_like(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """A stand-in for a photo: smooth colour fields (four random low-frequency waves per channel on a random base
+    colour) plus pixel noise. At 500x375 a quality-90 JPEG of it is about 85 KB, as ImageNet's photos."""
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    image = rng.uniform(60, 190, 3) + rng.normal(0, 16, (height, width, 3))
+    for c in range(3):
+        for _ in range(4):
+            fx, fy, phase = rng.uniform(0, 6, 3)
+            image[..., c] += rng.uniform(20, 60) * np.cos(2 * np.pi * (fx * x + fy * y) + 3 * phase)
+    return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
+
+
+def write_data(root: str, n: int, seed: int):
+    """n ImageNet-sized JPEGs (500x375, quality 90) as an ImageFolder root/imagenet/<one class>/, and n ADE20K-sized
+    pairs (683x512 JPEG, PNG labels 0..150 in smooth regions) as root/ade/{images,annotations}/training/."""
+    rng = np.random.default_rng(seed)
+    folders = [os.path.join(root, "imagenet", "n0"), *(os.path.join(root, "ade", kind, "training")
+                                                       for kind in ("images", "annotations"))]
+    for folder in folders:
+        os.makedirs(folder)
+    for i in range(n):
+        photo_like(rng, 500, 375).save(os.path.join(folders[0], f"{i}.jpg"), quality=90)
+        photo_like(rng, 683, 512).save(os.path.join(folders[1], f"{i}.jpg"), quality=90)
+        fields = photo_like(rng, 683, 512).resize((22, 16)).resize((683, 512), Image.BILINEAR)  # a few regions
+        classes = rng.choice(np.arange(SEGMENT_RECIPE["num_classes"] + 1), 3)  # 0: 'other', not scored
+        labels = classes[np.asarray(fields).argmax(axis=-1)].astype(np.uint8)
+        Image.fromarray(labels).save(os.path.join(folders[2], f"{i}.png"))
+
+
+def before_pipeline(img_size: int):
+    """The pre-training augmentation this project used before the device-side jitter: torchvision v2 on the uint8
+    tensor, ColorJitter on the whole image, flip, RandomResizedCrop bicubic with antialias."""
+    return v2.Compose([v2.PILToTensor(), v2.ColorJitter(0.4, 0.4, 0.4), v2.RandomHorizontalFlip(),
+                       v2.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
+                                            antialias=True)])
+
+
+def official_pipeline(img_size: int):
+    """The official release's (BEiT v2 / DTM DataAugmentationForBEiT, torchvision v1 on the PIL image); its
+    ToTensor and Normalize left out, as the brief of issue 25 measured it."""
+    return T.Compose([T.ColorJitter(0.4, 0.4, 0.4), T.RandomHorizontalFlip(),
+                      T.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC)])
+
+
+def cpu_ms(dataset, n: int, passes: int) -> float:
+    """CPU-ms (time.process_time: this process's user + system time) per sample of dataset[0..n-1], the fastest
+    of `passes` passes: the least disturbed by neighbours."""
+    best = math.inf
+    for _ in range(passes):
+        t0 = time.process_time()
+        for i in range(n):
+            dataset[i]
+        best = min(best, (time.process_time() - t0) / n * 1e3)
+    return best
+
+
+def loader_images_per_s(cfg, dataset, workers: int) -> float:
+    """Images/s of a DataLoader over `dataset` with `workers` processes, after its first batch (workers starting)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.loader_batch, num_workers=workers)
+    batches = iter(loader)
+    next(batches)
+    t0 = time.perf_counter()
+    for _ in range(cfg.loader_batches):
+        next(batches)
+    seconds = time.perf_counter() - t0
+    del batches  # stops the workers
+    return cfg.loader_batches * cfg.loader_batch / seconds
+
+
+def bench_data(cfg, dev: torch.device):
+    masking = data.BlockMasking(cfg.img_size // cfg.patch_size, cfg.num_masked, cfg.min_block)
+    finetune_cfg = settings(FINETUNE_RECIPE)
+    seg = SEGMENT_RECIPE
+    with tempfile.TemporaryDirectory() as root:
+        write_data(root, cfg.data_images, cfg.seed)
+        images = data.ImageFolder(os.path.join(root, "imagenet"))
+        jpeg_kb = statistics.mean(os.path.getsize(path) for path, _ in images.samples) / 1024
+        ade = data.ADE20K(os.path.join(root, "ade"), "training", seg["num_classes"], data.segment_train_transform(
+            seg["crop_size"], seg["scale"], seg["ratio_range"], seg["cat_max_ratio"]))
+        before, official = before_pipeline(cfg.img_size), official_pipeline(cfg.img_size)
+        new = data.MaskedImages(images, cfg.img_size, masking)
+        pipelines = {  # name: (what it is, its dataset); each sample seeded by data.SeededSamples, as in training
+            "decode": ("decode alone (data.ImageFolder)", images),
+            "new": ("pre-training, new (decode, draws, crop; jitter on the device)", new),
+            "before": ("pre-training, before (v2 jitter on the whole image, flip, crop)",
+                       data.Transformed(images, lambda image: (before(image), masking()))),
+            "official": ("pre-training, official (v1 on the PIL image, then the mask)",
+                         data.Transformed(images, lambda image: (official(image), masking()))),
+            "finetune": ("fine-tuning training (finetune.py's defaults)",
+                         data.Transformed(images, data.finetune_train_transform(finetune_cfg))),
+            "segment": ("segmentation training (ADE20K recipe, 683x512)", ade),
+        }
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as in a loader worker
+        try:
+            ms = {name: cpu_ms(data.SeededSamples(dataset, cfg.seed), cfg.data_images, cfg.data_passes)
+                  for name, (_, dataset) in pipelines.items()}
+        finally:
+            torch.set_num_threads(threads)
+
+        # The colour jitter the new pipeline left to the device, on a batch of its crops.
+        batch = torch.utils.data.default_collate([data.SeededSamples(new, cfg.seed)[i % cfg.data_images]
+                                                  for i in range(cfg.loader_batch)])
+        crops, jitter = batch[0].to(dev), batch[2].to(dev)
+        times = time_interleaved(cfg, {"jitter": lambda: data.color_jitter(crops, jitter)}, dev)
+        jitter_ms = statistics.median(times["jitter"]) / cfg.loader_batch
+
+        # A DataLoader of the new pipeline, its images repeated to fill the batches timed.
+        images.samples = images.samples * math.ceil((cfg.loader_batches + 1) * cfg.loader_batch / len(images))
+        seeded = data.SeededSamples(new, cfg.seed)
+        per_s = {w: loader_images_per_s(cfg, seeded, w) for w in sorted({1, 2, common.available_cpus()})}
+
+    print(f"\n[data] CPU-ms per sample (time.process_time, one process, 1 thread, the fastest of {cfg.data_passes} "
+          f"passes over {cfg.data_images} images; per-sample seeding included), cores per GPU at "
+          f"{cfg.gpu_images_per_s:.0f} images/s; pre-training at {cfg.img_size} px; JPEGs 500x375, quality 90, "
+          f"{jpeg_kb:.0f} KB on average")
+    for name, (label, _) in pipelines.items():
+        print(f"  {label:66s}{ms[name]:7.2f} ms  {cfg.gpu_images_per_s * ms[name] / 1e3:5.1f} cores per GPU")
+    print(f"  new / before: {ms['new'] / ms['before']:.2f} of the CPU time (target <= 0.40); new vs official: "
+          f"{ms['official'] / ms['new']:.2f}x faster (target >= 1.4x)")
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"  colour jitter on the device (data.color_jitter, batch {cfg.loader_batch}, {where}): "
+          f"{jitter_ms * 1e3:.1f} us per sample")
+    print(f"  DataLoader of the new pipeline, batch {cfg.loader_batch}: " + ", ".join(
+        f"{w} worker{'s' if w > 1 else ''} {v:.0f} images/s" for w, v in per_s.items()) +
+        f" ({os.cpu_count()} cores here, load average {os.getloadavg()[0]:.2f})")
+
+
 def main(cfg):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -440,12 +592,13 @@ def main(cfg):
     print(f"device: {where}; python {sys.version.split()[0]}, torch {torch.__version__}; "
           f"load average at start {os.getloadavg()[0]:.2f}")
     chosen = [p.strip() for p in cfg.parts.split(",") if p.strip()]
-    unknown = set(chosen) - {"step", "loss", "vit"}
+    benches = {"step": bench_step, "loss": bench_loss, "vit": bench_vit, "data": bench_data}
+    unknown = set(chosen) - set(benches)
     if unknown:
-        raise SystemExit(f"parts: unknown {sorted(unknown)}; choose from step, loss, vit")
+        raise SystemExit(f"parts: unknown {sorted(unknown)}; choose from {', '.join(benches)}")
     t0 = time.time()
     for part in chosen:
-        {"step": bench_step, "loss": bench_loss, "vit": bench_vit}[part](cfg, dev)
+        benches[part](cfg, dev)
     print(f"\nbench done in {time.time() - t0:.0f} s; load average at end {os.getloadavg()[0]:.2f}")
 
 

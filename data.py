@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision import datasets, tv_tensors
+from torchvision import transforms as T
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -51,7 +52,8 @@ def load_image(path: str) -> Image.Image:
             if image.mode == "F" or pixels.max(initial=0) > 65535:
                 raise OSError(f"{image.mode} image with values up to {pixels.max():g}: not a 16-bit image")
             return Image.fromarray(np.round(pixels / 257).astype(np.uint8)).convert("RGB")
-        return image.convert("RGB")
+        image.load()  # decode now, before the file closes
+        return image if image.mode == "RGB" else image.convert("RGB")  # convert() of an RGB image would copy it
 
 
 def load_sample(samples: list, index: int):
@@ -139,7 +141,12 @@ class SeededSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        common.seed_everything(common.seed_of(self.seed, self.epoch, i))
+        seed = common.seed_of(self.seed, self.epoch, i)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        # torch's CPU generator alone, as torch.manual_seed seeds it: torch.manual_seed also queues a seed for
+        # CUDA with a formatted stack trace (~0.1 ms a sample), and augmentation runs on the CPU.
+        torch.default_generator.manual_seed(seed)
         try:
             return self.dataset[i]
         finally:
@@ -225,34 +232,91 @@ class BlockMasking:
         return torch.from_numpy(mask)
 
 
+# ColorJitter(0.4, 0.4, 0.4) of the official recipe: brightness, contrast and saturation factors ~ U(0.6, 1.4), no
+# hue. Ids as torchvision's ColorJitter numbers its ops (3, hue, is off).
+JITTER_RANGE = [0.6, 1.4]
+BRIGHTNESS, CONTRAST, SATURATION = 0, 1, 2
+
+
 class MaskedImages(torch.utils.data.Dataset):
-    """(augmented uint8 image, block mask): normalisation happens on the device, once per view. The official
-    order (BEiT v2 / DTM DataAugmentationForBEiT): colour jitter on the whole image (so contrast moves pixels
-    around the whole image's mean), horizontal flip, then the random resized crop."""
+    """(uint8 image [3, S, S], block mask, jitter [7]) of the official augmentation (BEiT v2 / DTM
+    DataAugmentationForBEiT): colour jitter on the whole image, horizontal flip, RandomResizedCrop(S, scale 0.2-1,
+    bicubic). The worker draws all three in that order from torch's RNG, as torchvision would, and crops; the
+    colour jitter itself runs on the device, batched, on the crop (color_jitter): jittering the whole image here
+    cost more than everything else together. jitter = (the 3 op ids in order, brightness, contrast and saturation
+    factors, the grey level contrast blends towards), float32 so that the default collate stacks it."""
 
     def __init__(self, images, img_size: int, masking: BlockMasking):
-        self.images, self.masking = images, masking
-        self.augment = v2.Compose([
-            v2.PILToTensor(),
-            v2.ColorJitter(0.4, 0.4, 0.4),
-            v2.RandomHorizontalFlip(),
-            v2.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
-                                 antialias=True),
-        ])
+        self.images, self.img_size, self.masking = images, img_size, masking
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, i):
         image, _ = self.images[i]
-        return self.augment(image), self.masking()
+        order, b, c, s, _ = T.ColorJitter.get_params(JITTER_RANGE, JITTER_RANGE, JITTER_RANGE, None)
+        flip = torch.rand(1).item() < 0.5  # RandomHorizontalFlip's draw
+        top, left, h, w = T.RandomResizedCrop.get_params(image, scale=[0.2, 1.0], ratio=[3 / 4, 4 / 3])
+        if flip:  # the box drawn on the flipped image is the mirror of this box; the small crop is flipped below
+            left = image.width - left - w
+        # [H, W, 3] viewed as [3, H, W] (channels last): torch's uint8 bicubic resize is fastest on that layout,
+        # and with antialias it is PIL's filter (a = -0.5), so it matches the official PIL resize.
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+        crop = TF.resized_crop(pixels, top, left, h, w, [self.img_size, self.img_size],
+                               interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+        jitter = torch.tensor([op for op in order.tolist() if op != 3] + [b, c, s, 0.0])
+        jitter[6] = contrast_mean(image, jitter)
+        return (crop.flip(-1) if flip else crop), self.masking(), jitter
+
+
+def contrast_mean(image: Image.Image, jitter: torch.Tensor) -> float:
+    """The grey level contrast blends towards: the mean greyscale of the WHOLE image as the ops before contrast in
+    this sample's order left it (with clipping: brightness 1.4 on a bright image does not raise its mean 1.4x).
+    Computed on image.reduce(4), 4x4 box means, 16x fewer pixels: within 0.1 grey level of the full image's when
+    contrast comes first, within 1 after the other ops (noise that clips at 255 is smoothed away by the means);
+    contrast scales that by 1 - c, at most 0.4 (tests/test_data.py)."""
+    x = torch.from_numpy(np.array(image.reduce(4))).permute(2, 0, 1)[None].float()
+    order = jitter[:3].long().tolist()
+    for op in order[:order.index(CONTRAST)]:
+        x = blend(x, 0.0 if op == BRIGHTNESS else greyscale(x), jitter[3 + op].item())
+    return greyscale(x).mean().item()
+
+
+def greyscale(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's greyscale of uint8 images (held in float) [B, 3, H, W] -> [B, 1, H, W]: 0.2989 R + 0.587 G +
+    0.114 B, floored (its uint8 rounding), the same float operations in the same order."""
+    r, g, b = x.unbind(1)
+    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).floor_().unsqueeze(1)
+
+
+def blend(x: torch.Tensor, y, f) -> torch.Tensor:
+    """torchvision's colour ops on uint8 images, on their values held in float: f x + (1 - f) y, clipped and
+    truncated to an integer as torchvision's uint8 result is (rounding between ops: without it a jitter drifts
+    ~1.7 grey levels from torchvision's)."""
+    return x.mul(f).add_(y * (1 - f)).clamp_(0, 255).floor_()
+
+
+def color_jitter(images: torch.Tensor, jitter: torch.Tensor) -> torch.Tensor:
+    """MaskedImages' colour jitter on a batch, on any device: uint8 [B, 3, S, S] and jitter [B, 7] -> uint8
+    [B, 3, S, S], each sample's three ops in its own order, each blending the image with y: black (brightness),
+    its greyscale (saturation) or jitter[:, 6], the mean grey of the whole image (contrast). Static shapes: at
+    each of the three positions every sample's y is computed and its own op's selected, no loop over samples."""
+    x = images.float()
+    order = jitter[:, :3].long()
+    mean = jitter[:, 6].view(-1, 1, 1, 1)
+    for position in range(3):
+        op = order[:, position].view(-1, 1, 1, 1)
+        f = jitter[:, 3:6].gather(1, order[:, position:position + 1]).view(-1, 1, 1, 1)
+        x = blend(x, torch.where(op == BRIGHTNESS, 0.0, torch.where(op == CONTRAST, mean, greyscale(x))), f)
+    return x.to(torch.uint8)
 
 
 
 # ----------------------------------------------------------------------------------------- fine-tuning
 def finetune_train_transform(cfg):
-    """uint8 PIL image -> normalised float tensor. Fine-tuning: BEiT/DeiT augmentation; linear probing:
-    crop and flip only (MAE)."""
+    """uint8 PIL image -> (uint8 tensor [3, S, S], erase box). Fine-tuning: BEiT/DeiT augmentation; linear
+    probing: crop and flip only (MAE). Normalisation and random erasing happen on the device (finetune.fit): the
+    worker hands over uint8, a quarter of float32's bytes, and draws the erase box (EraseBox)."""
     ops = [v2.PILToTensor(),
            v2.RandomResizedCrop(cfg.img_size, scale=tuple(cfg.crop_scale),
                                 interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
@@ -260,20 +324,49 @@ def finetune_train_transform(cfg):
     if cfg.randaug_ops and not cfg.linear_probe:
         ops.append(v2.RandAugment(cfg.randaug_ops, cfg.randaug_magnitude,
                                   interpolation=v2.InterpolationMode.BILINEAR, fill=list(MEAN_FILL)))
-    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)]
-    if cfg.erase_prob and not cfg.linear_probe:  # on the normalised image, per-pixel N(0, 1) noise (timm 'pixel')
-        ops.append(v2.RandomErasing(cfg.erase_prob, value="random"))
-    return v2.Compose(ops)
+    return EraseBox(v2.Compose(ops), 0.0 if cfg.linear_probe else cfg.erase_prob)
+
+
+class EraseBox:
+    """timm's RandomErasing as BEiT uses it ('pixel' mode: per-pixel N(0, 1) noise on the NORMALISED image), split
+    in two since normalisation moved to the device: here, after `augment`, the box is drawn as
+    v2.RandomErasing(prob) draws it (its coin, then its make_params: area 0.02-0.33 of the image, aspect ratio
+    0.3-3.3), from the sample's seeded RNG; erase() fills it with noise on the device. Returns (uint8 image,
+    box [top, left, height, width]; height 0: nothing to erase)."""
+
+    def __init__(self, augment, prob: float):
+        self.augment = augment
+        self.erasing = v2.RandomErasing(prob, value=0)  # a fixed value: make_params draws the box and no noise
+
+    def __call__(self, image):
+        image = self.augment(image)
+        box = torch.zeros(4, dtype=torch.int64)
+        if self.erasing.p > 0 and torch.rand(1).item() < self.erasing.p:  # v2.RandomErasing's coin
+            params = self.erasing.make_params([image])
+            if params["v"] is not None:  # None: no box fitted in 10 tries, nothing is erased
+                box = torch.tensor([params["i"], params["j"], params["h"], params["w"]])
+        return image, box
+
+
+def erase(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """EraseBox's second half, on the device: normalised images [B, 3, H, W] with each sample's box (boxes [B, 4],
+    on the CPU, from the loader) filled with per-pixel N(0, 1) noise drawn from torch's RNG there, which the
+    training loop seeds per micro-batch. No box in the batch: no noise drawn."""
+    if not boxes[:, 2].any():
+        return images
+    top, left, height, width = boxes.to(images.device).view(-1, 4, 1, 1).unbind(1)
+    rows = torch.arange(images.shape[-2], device=images.device).view(1, -1, 1)
+    cols = torch.arange(images.shape[-1], device=images.device).view(1, 1, -1)
+    inside = (rows >= top) & (rows < top + height) & (cols >= left) & (cols < left + width)
+    return torch.where(inside[:, None], torch.randn_like(images), images)
 
 
 def finetune_eval_transform(img_size: int, crop_pct: float):
-    """Resize to img_size / crop_pct (256 for 224), centre crop, normalise."""
+    """Resize to img_size / crop_pct (256 for 224), centre crop; uint8 (finetune.evaluate normalises on the device)."""
     return v2.Compose([
         v2.PILToTensor(),
         v2.Resize(int(img_size / crop_pct), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
         v2.CenterCrop(img_size),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD),
     ])
 
 

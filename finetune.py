@@ -204,6 +204,8 @@ def evaluate(model: nn.Module, loader, dist_: common.Dist) -> dict:
     counts = torch.zeros(4, dtype=torch.float64, device=dist_.device)  # top-1 hits, top-5 hits, samples, loss
     for images, labels in common.progress(loader, dist_, desc="eval", unit="batch", leave=False):
         images, labels = images.to(dist_.device, non_blocking=True), labels.to(dist_.device, non_blocking=True)
+        if images.dtype == torch.uint8:  # the workers' images (data.finetune_eval_transform): normalised here
+            images = common.normalize(images, common.IMAGENET_MEAN, common.IMAGENET_STD)
         with dist_.autocast():
             logits = model(images)
         logits = logits.float()
@@ -315,8 +317,11 @@ def fit(cfg, train_data, val_data, classes: list, dist_: common.Dist) -> dict:
             lr = common.cosine_schedule(step, total_steps, warmup_epochs * steps_per_epoch, base_lr, final_lr)
             common.set_lr(optimizer, lr)
             for micro in range(accum):
-                images, labels = (x.to(dev, non_blocking=True) for x in next(batches))
-                common.seed_everything(common.seed_of(cfg.seed, dist_.rank, step, micro))  # MixUp, drop path
+                (images, boxes), labels = next(batches)  # uint8 images and their erase boxes (data.EraseBox)
+                images = common.normalize(images.to(dev, non_blocking=True), common.IMAGENET_MEAN, common.IMAGENET_STD)
+                labels = labels.to(dev, non_blocking=True)
+                common.seed_everything(common.seed_of(cfg.seed, dist_.rank, step, micro))  # erasing, MixUp, drop path
+                images = data.erase(images, boxes)  # random erasing, moved from the worker: after normalisation
                 images, targets = targets_of(images, labels)  # MixUp/CutMix per micro-batch, then label smoothing
                 with dist_.no_sync(model, sync=micro == accum - 1), dist_.autocast():
                     loss = F.cross_entropy(model(images).float(), targets)

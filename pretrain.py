@@ -214,7 +214,8 @@ def train(cfg, dist_, loader, steps_per_epoch, accum, teacher, student, optimize
             common.set_lr(optimizer, lr, common.cosine_schedule(step, total_steps, 0, cfg.weight_decay,
                                                                 cfg.weight_decay_end))
             for micro in range(accum):
-                images, masks = (x.to(dev, non_blocking=True) for x in next(batches))
+                images, masks, jitter = (x.to(dev, non_blocking=True) for x in next(batches))
+                images = data.color_jitter(images, jitter)  # here, before the teacher and the student both see it
                 common.seed_everything(common.seed_of(cfg.seed, dist_.rank, step, micro))  # drop path, schedules
                 schedules = draw_schedules(cfg, dev)
                 with dist_.no_sync(net, sync=micro == accum - 1), dist_.autocast():

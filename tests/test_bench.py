@@ -102,6 +102,25 @@ def test_bench_runs_end_to_end_and_prints_every_figure():
     assert "gpuGetDeviceCount" not in proc.stderr  # the profiler's own noise, alarming on a CPU machine
 
 
+def test_bench_data_runs_end_to_end_and_prints_every_figure():
+    out = run_script(["bench.py", "--parts=data", "--data_images=3", "--data_passes=1", "--loader_batch=4",
+                      "--loader_batches=1", "--img_size=32", "--patch_size=8", "--num_masked=4", "--min_block=2",
+                      "--threads=1", "--iters=1", "--warmup=1"], timeout=300).stdout
+    for figure in ("decode alone", "pre-training, new", "pre-training, before", "pre-training, official",
+                   "fine-tuning training", "segmentation training", "cores per GPU", "new / before:",
+                   "x faster", "colour jitter on the device", "us per sample", "1 worker", "images/s", "bench done"):
+        assert figure in out, f"{figure!r} missing from:\n{out}"
+    assert "[step]" not in out and "[loss]" not in out  # only the part asked for
+
+
+def test_bench_data_recipes_are_the_stage_scripts_defaults():
+    """bench.py repeats finetune.py's and segment.py's defaults (a script imports no other script): still equal."""
+    import finetune
+    import segment
+    assert {key: getattr(finetune, key) for key in bench.FINETUNE_RECIPE} == bench.FINETUNE_RECIPE
+    assert {key: getattr(segment, key) for key in bench.SEGMENT_RECIPE} == bench.SEGMENT_RECIPE
+
+
 def test_dispatches_counts_the_ops_called_from_python_not_the_ops_inside_them():
     x = torch.randn(4, 3)
     # add, ones, linear (which calls t and matmul, and matmul mm, inside itself) and sum: 4 from Python

@@ -282,7 +282,8 @@ def test_eval_only_reproduces_the_logged_accuracy_without_a_train_folder(demo_ru
         with torch.no_grad():
             for start in range(0, len(val), 16):
                 batch = [val[i] for i in range(start, min(start + 16, len(val)))]
-                logits = net(torch.stack([transform(image) for image, _ in batch]))
+                uint8 = torch.stack([transform(image) for image, _ in batch])
+                logits = net(common.normalize(uint8, common.IMAGENET_MEAN, common.IMAGENET_STD))
                 for row, (_, label) in zip(logits, batch):
                     ranked = row.argsort(descending=True).tolist()
                     top1 += ranked[0] == label

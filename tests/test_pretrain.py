@@ -318,12 +318,13 @@ def test_cifar10_images_through_the_pretraining_pipeline(cifar10):
     assert len(images.classes) == 10 and len(images) == 10000
     dataset = data.MaskedImages(images, 32, data.BlockMasking(4, 6, 2))
     for i in (0, 5000, 9999):
-        image, mask = dataset[i]
+        image, mask, jitter = dataset[i]
         assert image.shape == (3, 32, 32) and image.dtype == torch.uint8
         assert image.float().std() > 5  # a real photo, not a blank
         assert mask.shape == (16,) and 1 <= mask.sum() <= 6
+        assert jitter.shape == (7,) and jitter.dtype == torch.float32
     batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=8, num_workers=2)))
-    assert batch[0].shape == (8, 3, 32, 32) and batch[1].shape == (8, 16)
+    assert batch[0].shape == (8, 3, 32, 32) and batch[1].shape == (8, 16) and batch[2].shape == (8, 7)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
