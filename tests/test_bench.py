@@ -107,7 +107,8 @@ def test_bench_data_runs_end_to_end_and_prints_every_figure():
                       "--loader_batches=1", "--img_size=32", "--patch_size=8", "--num_masked=4", "--min_block=2",
                       "--threads=1", "--iters=1", "--warmup=1"], timeout=300).stdout
     for figure in ("decode alone", "pre-training, new", "pre-training, before", "pre-training, official",
-                   "fine-tuning training", "segmentation training", "cores per GPU", "new / before:",
+                   "pre-training as it ran before", "fine-tuning training", "segmentation training", "cores per GPU",
+                   "new / as it ran before:", "of today's CPU time",
                    "x faster", "colour jitter on the device", "us per sample", "1 worker", "images/s", "bench done"):
         assert figure in out, f"{figure!r} missing from:\n{out}"
     assert "[step]" not in out and "[loss]" not in out  # only the part asked for
