@@ -22,23 +22,6 @@ import common
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IGNORE = 255  # the label of pixels segmentation does not score
 MEAN_FILL = tuple(round(255 * m) for m in common.IMAGENET_MEAN)  # RandAugment fills with the mean colour
-ADE20K_CLASSES = (
-    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
-    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
-    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
-    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
-    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand",
-    "path", "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge",
-    "bookcase", "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove",
-    "palm", "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus",
-    "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver",
-    "airplane", "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle",
-    "buffet", "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything",
-    "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven",
-    "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal", "bicycle", "lake",
-    "dishwasher", "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray",
-    "ashcan", "fan", "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator",
-    "glass", "clock", "flag")
 
 
 # ------------------------------------------------------------------------------------------- images, folders
@@ -545,15 +528,15 @@ def find_root(path: str) -> str:
 
 
 def class_names(root: str, n: int) -> list[str]:
-    """The names of the n classes: from root/objectInfo150.txt (the official zip's table: Idx, Ratio, Train, Val,
-    Name; the first of a name's synonyms, as mmseg), else ADE20K's own for 150 classes, else 'class k'."""
+    """The names of the n classes, from root/objectInfo150.txt (the official zip's table: Idx, Ratio, Train, Val,
+    Name; the first of a name's synonyms, as mmseg names them), else 'class k'."""
     path = os.path.join(root, "objectInfo150.txt")
     if os.path.isfile(path):
         with open(path) as f:
             names = [line.split("\t")[-1].split(",")[0].strip() for line in f.read().splitlines()[1:] if line.strip()]
         if len(names) == n:
             return names
-    return list(ADE20K_CLASSES) if n == len(ADE20K_CLASSES) else [f"class {k}" for k in range(n)]
+    return [f"class {k}" for k in range(n)]
 
 
 class ADE20K(torch.utils.data.Dataset):

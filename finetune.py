@@ -241,8 +241,6 @@ def fit(cfg, train_data, val_data, classes: list, dist_: common.Dist) -> dict:
     iteration of the inner one. Returns the last evaluation, the best top-1 and the epochs evaluated (fewer
     than the schedule's when max_steps stops it early)."""
     dev = dist_.device
-    epochs, warmup_epochs = (cfg.probe_epochs, cfg.probe_warmup_epochs) if cfg.linear_probe else \
-        (cfg.epochs, cfg.warmup_epochs)
     accum = dist_.accumulation_steps(cfg.batch_size, cfg.micro_batch_size)
 
     # Data: each image's augmentation is drawn from (seed, epoch, index), whichever worker loads it.
@@ -263,27 +261,39 @@ def fit(cfg, train_data, val_data, classes: list, dist_: common.Dist) -> dict:
     optimizer, base_lr, final_lr = make_optimizer(cfg, net, dev)
 
     # Resume from out_dir, or initialise from init_from.
-    ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
-    ckpt = common.resume(ckpt_path, net, optimizer, dist_, "finetune", model_args=args, probe=probe)
+    ckpt = common.resume(os.path.join(cfg.out_dir, "ckpt.pt"), net, optimizer, dist_, "finetune", model_args=args, probe=probe)
     if ckpt is None and cfg.init_from:
         init_model(net, cfg.init_from, log=dist_.print)
     dist_.print(f"model: {describe(net, args)}, " + ("resumed" if ckpt else f"from {cfg.init_from}" if cfg.init_from
                 else "from random initialisation") + f"; {steps_per_epoch} steps per epoch of {cfg.batch_size} = "
                 f"{cfg.micro_batch_size} x {accum} micro-batches x {dist_.world_size} processes; peak lr {base_lr:.3g}")
+    extra = dict(config=vars(cfg).copy(), model_args=args, probe=probe, classes=list(classes), stage="finetune")
+    epochs, warmup_epochs = (cfg.probe_epochs, cfg.probe_warmup_epochs) if cfg.linear_probe else \
+        (cfg.epochs, cfg.warmup_epochs)
+    total_steps = epochs * steps_per_epoch
+    lr_at = lambda step: common.cosine_schedule(step, total_steps, warmup_epochs * steps_per_epoch, base_lr, final_lr)
+    return train(cfg, dist_, net, optimizer, loader, val_loader, targets_of, ckpt, extra, steps_per_epoch, accum,
+                 total_steps, lr_at)
+
+
+def train(cfg, dist_, net, optimizer, loader, val_loader, targets_of, ckpt, extra: dict, steps_per_epoch: int,
+          accum: int, total_steps: int, lr_at) -> dict:
+    """fit's loop: one optimizer step per iteration of the outer loop, one micro-batch per iteration of the inner
+    one; an evaluation between epochs (with checkpoints), a checkpoint at each epoch's end and when stopped."""
+    dev = dist_.device
+    ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
     step = ckpt["step"] if ckpt else 0
     keep = ("best_top1", "metrics", "evaluated", "train_loss", "images_per_s", "epoch_sums")
     state = {k: ckpt[k] for k in keep} if ckpt else {"best_top1": -1.0, "metrics": {}, "evaluated": 0,
                                                     "train_loss": None, "images_per_s": None, "epoch_sums": [0, 0]}
-    total_steps = epochs * steps_per_epoch
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     if step >= last_step and state["evaluated"] >= step // steps_per_epoch:  # no step and no evaluation left
         dist_.print(f"finished: nothing to train ({ckpt_path} is at step {step} of {last_step}, evaluated; raise "
                     f"epochs or max_steps to train on)")
     log = plot.Metrics(cfg.out_dir, cfg, dist_.is_main, __file__)  # log.jsonl, and wandb / TensorBoard if asked
+    extra["code"] = log.code
     model = dist_.wrap(net, cfg.compile)
     trainable = [p for p in net.parameters() if p.requires_grad]
-    extra = dict(config=vars(cfg).copy(), model_args=args, probe=probe, classes=list(classes), stage="finetune",
-                 code=log.code)
 
     with common.StopOnSignal(ckpt_path, dist_) as stop:
         batches = None
@@ -314,7 +324,7 @@ def fit(cfg, train_data, val_data, classes: list, dist_: common.Dist) -> dict:
                 net.train()
                 sums, t0, seen = torch.zeros(2, device=dev), time.time(), 0
                 epoch_sums = torch.tensor(state["epoch_sums"], dtype=torch.float32, device=dev)
-            lr = common.cosine_schedule(step, total_steps, warmup_epochs * steps_per_epoch, base_lr, final_lr)
+            lr = lr_at(step)
             common.set_lr(optimizer, lr)
             for micro in range(accum):
                 (images, boxes), labels = next(batches)  # uint8 images and their erase boxes (data.EraseBox)

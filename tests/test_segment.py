@@ -417,3 +417,13 @@ def test_sigterm_mid_epoch_then_rerun_gives_bit_identical_weights(odd_demo, tmp_
     assert split["mIoU"] == whole["mIoU"]
     losses, _ = read_log(tmp_path / "split")
     assert losses == read_log(tmp_path / "whole")[0]
+
+
+def test_class_names_come_from_the_datasets_own_table(tmp_path):
+    """ADEChallengeData2016/objectInfo150.txt (tab-separated, synonyms after a comma) names the classes; without
+    it, or with another count, they are numbered."""
+    (tmp_path / "objectInfo150.txt").write_text("Idx\tRatio\tTrain\tVal\tName\n1\t0.1576\t11664\t1172\twall\n"
+                                                "2\t0.1072\t6046\t612\tbuilding, edifice\n3\t0.0878\t8265\t796\tsky\n")
+    assert data.class_names(str(tmp_path), 3) == ["wall", "building", "sky"]
+    assert data.class_names(str(tmp_path), 4) == ["class 0", "class 1", "class 2", "class 3"]
+    assert data.class_names(str(tmp_path / "nowhere"), 2) == ["class 0", "class 1"]
