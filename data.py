@@ -70,12 +70,17 @@ class ImageFolder(datasets.ImageFolder):
         return (self.transform(image) if self.transform else image), label
 
 
-def image_folders(root: str, train: str, val: str, val_only: bool = False):
-    """ImageNet's layout: root/train/<class>/*.jpg and root/val/<class>/*.jpg, with the same classes. With
-    val_only (evaluation), train/ is not needed: (None, val set, its classes)."""
+def check_image_folders(root: str, train: str, val: str):
+    """image_folders' first check, cheap enough to run before a run takes its out_dir: root exists."""
     if not os.path.isdir(root):
         raise SystemExit(f"data_dir {root!r} does not exist; expected {root}/{train}/<class>/<image>.jpg and "
                          f"{root}/{val}/<class>/<image>.jpg (ImageNet's layout after the usual val/ reorganisation)")
+
+
+def image_folders(root: str, train: str, val: str, val_only: bool = False):
+    """ImageNet's layout: root/train/<class>/*.jpg and root/val/<class>/*.jpg, with the same classes. With
+    val_only (evaluation), train/ is not needed: (None, val set, its classes)."""
+    check_image_folders(root, train, val)
     try:
         val_set = ImageFolder(os.path.join(root, val))
         if val_only:

@@ -397,6 +397,8 @@ def main(cfg):
     if cfg.init_from and not os.path.isfile(cfg.init_from):
         raise SystemExit(f"init_from={cfg.init_from!r} does not exist (a checkpoint of pretrain.py or finetune.py; "
                          f"'' trains from random initialisation)")
+    if not cfg.demo_data:
+        data.check_image_folders(cfg.data_dir, cfg.train_split, cfg.val_split)  # a typo leaves no out_dir behind
     dist_ = common.Dist(cfg.device)
     try:
         with common.OutDirLock(cfg.out_dir, dist_.is_main):  # writable, and this run's alone

@@ -102,6 +102,9 @@ def check_settings(cfg):
         raise SystemExit(f"n_max={cfg.n_max} is more than the {tokens} tokens a schedule can merge away (img_size="
                          f"{cfg.img_size} / patch_size={cfg.patch_size}): give --n_max={tokens} or less")
     teacher_kind(cfg.teacher)  # a teacher file that does not exist stops here, before out_dir is made
+    if not cfg.demo_data and not os.path.isdir(cfg.data_dir):
+        raise SystemExit(f"data_dir: data folder {cfg.data_dir!r} does not exist; expected an ImageFolder layout: "
+                         f"{cfg.data_dir}/<class name>/<image>.jpg")
 
 
 def training_images(cfg) -> data.ImageFolder:

@@ -343,10 +343,11 @@ def test_val_classes_differing_from_train_classes_is_an_error(tmp_path):
 
 def test_missing_data_dir_is_a_clear_error(tmp_path):
     missing = str(tmp_path / "no_such_imagenet")
-    proc = run_script(["finetune.py", f"--data_dir={missing}", "--device=cpu"], check=False, timeout=120)
+    proc = run_script(["finetune.py", f"--data_dir={missing}", f"--out_dir={tmp_path / 'out'}", "--device=cpu"],
+                      check=False, timeout=120)
     assert proc.returncode != 0
     assert f"data_dir {missing!r} does not exist" in proc.stderr and "Traceback" not in proc.stderr
-    assert not os.path.exists(missing)
+    assert not os.path.exists(missing) and not os.path.exists(tmp_path / "out")  # refused before out_dir is made
 
 
 # ------------------------------------------------------------------------------------------------ real data
