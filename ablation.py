@@ -282,7 +282,8 @@ def main(cfg):
     minutes = sum(r["seconds"] for r in results.values()) / 60  # the stages' own time, over all invocations
     report = {"summary": summary, "teacher": results["teacher"], "stages": results, "settings": vars(cfg),
               "stage_minutes": round(minutes, 2)}
-    common.atomic_write(os.path.join(cfg.out_dir, "results.json"), lambda f: f.write(json.dumps(report, indent=1).encode()))
+    text = json.dumps(report, indent=1)
+    common.atomic_write(os.path.join(cfg.out_dir, "results.json"), lambda f: f.write(text.encode()))
     table = markdown(summary, results["teacher"], minutes, cfg.seeds)
     common.atomic_write(os.path.join(cfg.out_dir, "results.md"), lambda f: f.write(table.encode()))
     draw_curves(list(results), cfg.methods, cfg.out_dir)

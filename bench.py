@@ -252,7 +252,8 @@ def step_flops(teacher_net, student, patches: int, patch_size: int) -> int:
 def step_inputs(cfg, dev: torch.device):
     """Random uint8 images, their block masks and the DTM schedules of every timed step, all from `seed`."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    images = torch.randint(0, 256, (cfg.batch_size, 3, cfg.img_size, cfg.img_size), dtype=torch.uint8, generator=gen).to(dev)
+    shape = (cfg.batch_size, 3, cfg.img_size, cfg.img_size)
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen).to(dev)
     random.seed(cfg.seed)
     masking = data.BlockMasking(cfg.img_size // cfg.patch_size, cfg.num_masked, cfg.min_block)
     masks = torch.stack([masking() for _ in range(cfg.batch_size)]).to(dev)
@@ -312,7 +313,8 @@ def bench_step(cfg, dev: torch.device):
     schedules_seen = ", ".join(str(s.tolist()) for s in draws[:3])
     print(f"\n[step] student ViT-{cfg.model}/{cfg.patch_size} (depth {len(student.blocks)}), teacher {cfg.teacher} "
           f"(random init), {cfg.img_size} px, batch {cfg.batch_size}, compile {cfg.compile}, loss {cfg.loss}, "
-          f"L={cfg.num_schedules}, n_max={cfg.n_max}, k_max={cfg.k_max} (schedules drawn per step: {schedules_seen}, ...)")
+          f"L={cfg.num_schedules}, n_max={cfg.n_max}, k_max={cfg.k_max} (schedules drawn per step: "
+          f"{schedules_seen}, ...)")
     print(f"  DTM step        {fmt(times['DTM'])}  {cfg.batch_size / dtm_ms * 1e3:8.1f} images/s")
     print(f"  token-wise step {fmt(times['token-wise'])}  {cfg.batch_size / base_ms * 1e3:8.1f} images/s")
     print(f"  DTM overhead: {100 * (paired - 1):+.2f}% of the step (median of the {len(times['DTM'])} "
@@ -407,7 +409,8 @@ def bench_vit(cfg, dev: torch.device):
     theirs = Beit(**common_args, init_values=0.1, use_abs_pos_emb=False, use_rel_pos_bias=True,
                   global_pool="avg").to(dev)
     n_ours, n_theirs = (sum(p.numel() for p in m.parameters()) for m in (ours, theirs))
-    images = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(cfg.seed)).to(dev)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    images = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, generator=gen).to(dev)
 
     def fwd_bwd(net):
         def go():

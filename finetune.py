@@ -261,7 +261,8 @@ def fit(cfg, train_data, val_data, classes: list, dist_: common.Dist) -> dict:
     optimizer, base_lr, final_lr = make_optimizer(cfg, net, dev)
 
     # Resume from out_dir, or initialise from init_from.
-    ckpt = common.resume(os.path.join(cfg.out_dir, "ckpt.pt"), net, optimizer, dist_, "finetune", model_args=args, probe=probe)
+    ckpt = common.resume(os.path.join(cfg.out_dir, "ckpt.pt"), net, optimizer, dist_, "finetune", model_args=args,
+                         probe=probe)
     if ckpt is None and cfg.init_from:
         init_model(net, cfg.init_from, log=dist_.print)
     dist_.print(f"model: {describe(net, args)}, " + ("resumed" if ckpt else f"from {cfg.init_from}" if cfg.init_from

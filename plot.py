@@ -45,7 +45,8 @@ class Metrics:
 
     def __init__(self, out_dir: str, cfg, is_main: bool = True, script: str = ""):
         self.out_dir, self.is_main, self.wandb, self.tensorboard = out_dir, is_main, None, None
-        self.code = common.code_version(*[p for p in (script, os.path.join(common.ROOT, "morph.py")) if p]) if is_main else ""
+        sources = [p for p in (script, os.path.join(common.ROOT, "morph.py")) if p]
+        self.code = common.code_version(*sources) if is_main else ""
         if is_main and getattr(cfg, "wandb_log", False):
             wandb = optional_import("wandb", "wandb_log", "wandb")
             self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or os.path.basename(

@@ -136,7 +136,8 @@ def build_segmenter(cfg, dist_: common.Dist):
             raise SystemExit(f"init_from={cfg.init_from!r} is a segmenter of another shape:\n  " + "\n  ".join(diff))
         net = UperNetSegmenter(VisionTransformer(**args), **head_args)
         net.load_state_dict(ckpt["model"])
-        dist_.print(f"segmenter: {describe(args, head_args)}, loaded from {cfg.init_from} (iteration {ckpt.get('step')})")
+        dist_.print(f"segmenter: {describe(args, head_args)}, loaded from {cfg.init_from} (iteration "
+                    f"{ckpt.get('step')})")
         return net, args, head_args
     if cfg.eval_only:
         raise SystemExit(f"eval_only needs a segmentation checkpoint (best.pt or ckpt.pt of segment.py), but "
@@ -168,8 +169,8 @@ def build_segmenter(cfg, dist_: common.Dist):
 
 def describe(args: dict, head_args: dict) -> str:
     """What was built, in a line."""
-    return (f"ViT of width {args['embed_dim']}, depth {args['depth']}, patch {args['patch_size']}, {args['img_size']}-px "
-            f"crops, blocks {head_args['out_indices']} into UperNet ({head_args['channels']} channels, "
+    return (f"ViT of width {args['embed_dim']}, depth {args['depth']}, patch {args['patch_size']}, "
+            f"{args['img_size']}-px crops, blocks {head_args['out_indices']} into UperNet ({head_args['channels']} channels, "
             f"{head_args['num_classes']} classes)")
 
 

@@ -38,7 +38,7 @@ out = "morph.png"
 teacher = "ViT-B-16-quickgelu"  # an open_clip model name, or a checkpoint of this project
 teacher_pretrained = ""  # open_clip weights (a tag or a local file); '' = random init
 teacher_overrides = {}
-tokens = []  # numbers of remaining tokens, one panel each; []: n, n/2, n/4 and n/12 of the teacher's n (196: 196, 98, 49, 16)
+tokens = []  # remaining tokens, a panel each; []: n, n/2, n/4, n/12 of the teacher's n (196: 196, 98, 49, 16)
 rounds = 4  # matching rounds per schedule
 alpha = 0.45  # opacity of the colours
 seed = 0
@@ -137,7 +137,7 @@ def main(cfg):
         if bad:
             raise SystemExit(f"tokens={cfg.tokens}: {bad} not between 1 and the teacher's {n} tokens; e.g. "
                              f"--tokens=\"{[n, n // 2, n // 4, max(1, round(n / 12))]}\" (or leave it out)")
-        img = v2.Resize(cfg.display_size or size, antialias=True)(img)  # drawn larger or smaller than the teacher saw it
+        img = v2.Resize(cfg.display_size or size, antialias=True)(img)  # drawn at another size than the teacher saw
         panels.append(labelled(img, label))
         for m in counts:
             schedule = schedule_to(n, m, cfg.rounds)
@@ -150,7 +150,8 @@ def main(cfg):
     os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
     Image.fromarray(picture.permute(1, 2, 0).numpy()).save(cfg.out, optimize=True)
     print(f"teacher: {which}\nimage: {cfg.image or 'generated (2x2 demo images, seed %d)' % cfg.seed}, {size} px, "
-          f"{n} tokens, {len(panels) // (len(counts) + 1)} row(s)\nwrote {cfg.out} ({picture.shape[2]}x{picture.shape[1]} px)")
+          f"{n} tokens, {len(panels) // (len(counts) + 1)} row(s)\n"
+          f"wrote {cfg.out} ({picture.shape[2]}x{picture.shape[1]} px)")
 
 
 if __name__ == "__main__":

@@ -235,7 +235,8 @@ def test_ctrl_c_stops_the_running_stage_cleanly(tmp_path):
             lines.append(line)
             if "epoch 0" in line:  # the teacher stage is training: its stop handler is in place
                 training.set()
-    readers = [threading.Thread(target=read, args=pair, daemon=True) for pair in ((proc.stdout, out), (proc.stderr, err))]
+    readers = [threading.Thread(target=read, args=pair, daemon=True)
+               for pair in ((proc.stdout, out), (proc.stderr, err))]
     for reader in readers:
         reader.start()
     assert training.wait(600), "".join(err)  # a guard against a hang, not a speed requirement
