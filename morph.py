@@ -85,7 +85,7 @@ def matching_round(gram: torch.Tensor, length: torch.Tensor, group: torch.Tensor
     r = torch.minimum(r, length // 2)  # a round cannot merge more tokens than B has
     norm = gram.diagonal(dim1=1, dim2=2).clamp(min=0).sqrt().clamp(min=1e-12)  # |group sum|, as F.normalize
     # The cosine similarity of every A token (even positions) to every B token (odd positions).
-    cos = gram[:, 0::2, 1::2] / (norm[:, 0::2, None] * norm[:, None, 1::2])
+    cos = (gram[:, 0::2, 1::2] / norm[:, None, 1::2]).div_(norm[:, 0::2, None])
     best, partner = cos.masked_fill_(~live[:, None, 1::2], -math.inf).max(dim=-1)  # ties: the first B
     best = best.masked_fill_(~live[:, 0::2], -math.inf)
     rank = best.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # 0: the best score; ties: the first
