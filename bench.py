@@ -274,9 +274,7 @@ def bench_step(cfg, dev: torch.device):
     loss_fn = torch.compile(dtm_loss, fullgraph=True) if cfg.compile else dtm_loss
 
     images, masks, draws = step_inputs(cfg, dev)
-    grid = cfg.img_size // cfg.patch_size
-    token_wise = schedule_tensor([], dev)
-    calls = {"dtm": 0}
+    token_wise, calls = schedule_tensor([], dev), {"dtm": 0}
 
     def step(schedules):
         with torch.no_grad(), amp(dev):
@@ -306,7 +304,7 @@ def bench_step(cfg, dev: torch.device):
     pred, targets = step(token_wise)
     loss_times = time_loss_alone(cfg, loss_fn, pred, targets, draws, token_wise, dev)
     extra = statistics.median(loss_times["DTM"]) - statistics.median(loss_times["token-wise"])
-    flops = cfg.batch_size * step_flops(teacher_net, student, grid * grid, cfg.patch_size)
+    flops = cfg.batch_size * step_flops(teacher_net, student, (cfg.img_size // cfg.patch_size) ** 2, cfg.patch_size)
     achieved = flops / (dtm_ms / 1e3)
     mfu = f"MFU {100 * achieved / cfg.peak_flops:.1f}% of {cfg.peak_flops / 1e12:.0f} TFLOP/s" if dev.type == "cuda" \
         else "MFU: GPU only"
@@ -431,8 +429,9 @@ def bench_vit(cfg, dev: torch.device):
     grid = cfg.img_size // cfg.patch_size
     flops = 3 * cfg.batch_size * vit_flops(grid * grid + 1, size["embed_dim"], size["depth"], 4 * size["embed_dim"],
                                        3 * cfg.patch_size ** 2, 0)  # forward + backward (3x), the head left out
-    print(f"\n[vit] forward + backward, ViT-{cfg.model}/{cfg.patch_size} depth {size['depth']}, {cfg.img_size} px, batch "
-          f"{cfg.batch_size}, per-block relative position bias, {'bf16 autocast' if dev.type == 'cuda' else 'fp32'}; "
+    print(f"\n[vit] forward + backward, ViT-{cfg.model}/{cfg.patch_size} depth {size['depth']}, {cfg.img_size} px, "
+          f"batch {cfg.batch_size}, per-block relative position bias, "
+          f"{'bf16 autocast' if dev.type == 'cuda' else 'fp32'}; "
           f"{n_ours / 1e6:.2f}M parameters (ours), {n_theirs / 1e6:.2f}M (timm), {flops / 1e12:.3f} TFLOP")
     for name, ms in times.items():
         achieved = flops / (statistics.median(ms) / 1e3)
@@ -593,13 +592,16 @@ def bench_data(cfg, dev: torch.device):
         images.samples = images.samples * math.ceil((cfg.loader_batches + 1) * cfg.loader_batch / len(images))
         seeded = data.SeededSamples(new, cfg.seed)
         per_s = {w: loader_images_per_s(cfg, seeded, w) for w in sorted({1, 2, common.available_cpus()})}
+    labels = {**{name: label for name, (label, _) in pipelines.items()},
+              "as it ran": "pre-training as it ran before (its seeding and reading too)"}
+    report_data(cfg, dev, labels, ms, jitter_ms, per_s, jpeg_kb)
 
+
+def report_data(cfg, dev, labels: dict, ms: dict, jitter_ms: float, per_s: dict, jpeg_kb: float):
     print(f"\n[data] CPU-ms per sample (time.process_time, one process, 1 thread, the fastest of {cfg.data_passes} "
           f"passes over {cfg.data_images} images; per-sample seeding included), cores per GPU at "
           f"{cfg.gpu_images_per_s:.0f} images/s; pre-training at {cfg.img_size} px; JPEGs 500x375, quality 90, "
           f"{jpeg_kb:.0f} KB on average")
-    labels = {**{name: label for name, (label, _) in pipelines.items()},
-              "as it ran": "pre-training as it ran before (its seeding and reading too)"}
     for name, label in labels.items():
         print(f"  {label:66s}{ms[name]:7.2f} ms  {cfg.gpu_images_per_s * ms[name] / 1e3:5.1f} cores per GPU")
     print(f"  new / as it ran before: {ms['new'] / ms['as it ran']:.2f} of today's CPU time (target <= 0.40); new / "
