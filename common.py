@@ -236,9 +236,14 @@ class OutDirLock:
             holder = lock.read().strip() or "unknown"
             raise SystemExit(f"out_dir={self.out_dir!r} is in use by another run (pid {holder}); wait for it to "
                              f"finish, stop it, or choose another out_dir") from None
-        lock.truncate(0)
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
+        try:  # the holder's pid, for the message a second run gets
+            lock.truncate(0)
+            lock.write(f"{os.getpid()}\n")
+            lock.flush()
+            os.fsync(lock.fileno())
+        except OSError as e:
+            raise SystemExit(f"out_dir={self.out_dir!r} is not writable: {e} ({_likely_cause(self.out_dir, e)})") \
+                from None
         return lock
 
     def close(self):
