@@ -285,13 +285,18 @@ def check_same_settings(name: str, cfg, rows: list[dict], out: str):
     result would be reported for settings it was not trained with."""
     row = next((r for r in rows if r["dataset"] == name), None)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    before = row.get("settings") if row else comparable(common.load_checkpoint(ckpt_path)["config"]) \
-        if os.path.isfile(ckpt_path) else None
+    if row:
+        before = row.get("settings")  # None: a row written before settings were recorded
+    elif os.path.isfile(ckpt_path):
+        before = comparable(common.load_checkpoint(ckpt_path)["config"])
+    else:
+        return  # not begun: nothing to compare with
     now = comparable(vars(cfg))
-    if (row or before) and before != now:
-        differ = sorted(k for k in set(now) | set(before or {}) if (before or {}).get(k) != now.get(k))
+    if before != now:
+        differ = ["not recorded"] if before is None else \
+            sorted(k for k in set(now) | set(before) if before.get(k) != now.get(k))
         what = "finished" if row else "was begun"
-        raise SystemExit(f"{name} {what} in {out} with other settings ({', '.join(differ[:8]) or 'not recorded'} "
+        raise SystemExit(f"{name} {what} in {out} with other settings ({', '.join(differ[:8])} "
                          f"differ): its result would not be that of these settings. Choose another out_dir, or "
                          f"rerun with the settings it was run with")
 
